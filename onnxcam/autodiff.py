@@ -1,0 +1,118 @@
+"""Reverse-mode differentiation of an ONNX graph, from one tensor back to chosen tensors.
+
+Only nodes that lie on a path from a `wrt` tensor to the `of` tensor are differentiated (no weight
+gradients, no side branches); each is handed to its rule from `rules.RULES`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+from onnx import TensorProto
+
+from . import rules
+from .errors import OnnxcamError, UnsupportedOpError
+from .graph import Emitter, ModelView, node_label
+from .rules.registry import Context, lookup
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+# Outputs of these carry no gradient even when their inputs do (indices, shapes, comparisons ...).
+NON_DIFFERENTIABLE = {
+    "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Less", "LessOrEqual", "Greater",
+    "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Sign", "Floor", "Ceil", "Round",
+    "ConstantOfShape", "RandomNormalLike", "RandomUniformLike", "EyeLike",
+    "BitShift", "OneHot",
+}
+
+
+def _is_float(view: ModelView, name: str) -> bool:
+    return view.elem_type(name) in FLOAT_TYPES
+
+
+def active_tensors(view: ModelView, of: str, wrt: Sequence[str]) -> set[str]:
+    """Tensors that both depend (differentiably) on some `wrt` and feed `of`."""
+    forward: set[str] = set(wrt)
+    for node in view.graph.node:
+        if node.op_type in NON_DIFFERENTIABLE:
+            continue
+        if any(i in forward for i in node.input if i):
+            for o in node.output:
+                if o and _is_float(view, o):
+                    forward.add(o)
+    backward: set[str] = set()
+    stack = [of]
+    while stack:
+        t = stack.pop()
+        if t in backward:
+            continue
+        backward.add(t)
+        node = view.producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return forward & backward
+
+
+def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
+             emit: Emitter | None = None, relu_mode: str = "grad") -> dict[str, str]:
+    """Appends to `model` the nodes computing d<seed, of>/d(wrt); returns {wrt name: gradient name}.
+
+    `seed` must already be a tensor of the graph (an input, or built by the caller in `emit`) with the
+    shape of `of`. The forward graph may gain optional outputs on existing nodes (MaxPool Indices).
+    """
+    view = ModelView(model)
+    own_emitter = emit is None
+    if emit is None:
+        emit = Emitter.for_model(model)
+    active = active_tensors(view, of, wrt)
+    missing = [w for w in wrt if w not in active]
+    if missing:
+        raise OnnxcamError(f"'{of}' does not depend on {', '.join(repr(m) for m in missing)}")
+
+    grads: dict[str, list[str]] = {of: [seed]}
+
+    def total(name: str) -> str | None:
+        parts = grads.get(name)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            grads[name] = [emit.op("Sum", parts, hint="grad_sum")]
+        return grads[name][0]
+
+    for node in reversed(list(view.graph.node)):
+        if not any(o in active for o in node.output if o):
+            continue
+        needs = [bool(i) and i in active for i in node.input]
+        if not any(needs):
+            continue
+        gy = [total(o) if o in active else None for o in node.output]
+        if all(g is None for g in gy):
+            continue
+        rule = lookup(node)
+        if rule is None:
+            raise UnsupportedOpError(
+                f"no gradient rule for op '{node.op_type}' ({node_label(node)}) on the path from the "
+                f"score to the layer; supported ops: see `onnxcam ops`")
+        ctx = Context(view=view, emit=emit, node=node, needs=needs, relu_mode=relu_mode)
+        try:
+            gx = rule(ctx, gy)
+        except OnnxcamError:
+            raise
+        except Exception as exc:
+            raise UnsupportedOpError(f"cannot differentiate {node_label(node)}: {exc}") from None
+        for i, (need, g) in enumerate(zip(needs, gx)):
+            if need and g is not None:
+                grads.setdefault(node.input[i], []).append(g)
+
+    result = {}
+    for w in wrt:
+        g = total(w)
+        if g is None:
+            raise OnnxcamError(f"no gradient reaches '{w}' from '{of}'")
+        result[w] = g
+    if own_emitter:
+        emit.commit(model)
+    return result
+
+
+__all__ = ["gradient", "active_tensors"]

@@ -1,0 +1,280 @@
+"""Reading ONNX models and appending nodes to them.
+
+`ModelView` answers questions about an existing graph (who produces a tensor, its inferred shape and
+dtype); `Emitter` appends new nodes and constants with names that cannot clash with the model's.
+Both work on the model in place; callers copy the user's model before handing it over.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from .errors import OnnxcamError
+
+# onnxruntime (1.17 .. 1.32) loads IR versions up to 10 reliably; newer onnx writes 11+ by default.
+MAX_IR_VERSION = 10
+
+ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+Dim = Union[int, str, None]
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """Loads a path, serialized bytes or a ModelProto; always returns a private copy."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    if isinstance(model, (bytes, bytearray)):
+        try:
+            return onnx.load_from_string(bytes(model))
+        except Exception as exc:  # protobuf raises several types
+            raise OnnxcamError(f"cannot parse ONNX model bytes: {exc}") from None
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise OnnxcamError(f"model not found: {path}")
+    if os.path.isdir(path):
+        raise OnnxcamError(f"model path is a directory: {path}")
+    try:
+        return onnx.load(path)
+    except Exception as exc:
+        raise OnnxcamError(f"cannot read ONNX model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that keeps symbolic dims; falls back to plain inference if data propagation fails."""
+    ir = model.ir_version
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        try:
+            inferred = shape_inference.infer_shapes(model)
+        except Exception as exc:
+            raise OnnxcamError(f"ONNX shape inference failed: {str(exc).splitlines()[0]}") from None
+    inferred.ir_version = ir
+    return inferred
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise OnnxcamError("model has no default-domain opset import")
+
+
+def dims_of(type_proto: onnx.TypeProto) -> list[Dim] | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    out: list[Dim] = []
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+class ModelView:
+    """Producer/consumer maps, shapes and dtypes for a (shape-inferred) model."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.opset = opset_version(model)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self._types: dict[str, onnx.TypeProto] = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            self._types[vi.name] = vi.type
+        self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
+        self.graph_outputs = [o.name for o in self.graph.output]
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self.producer or name in self.initializers or name in self._types
+
+    def shape(self, name: str) -> list[Dim] | None:
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = self.constant_value(name)
+            if value is not None:
+                return list(value.shape)
+        tp = self._types.get(name)
+        return dims_of(tp) if tp is not None else None
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def elem_type(self, name: str) -> int:
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        tp = self._types.get(name)
+        if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.elem_type:
+            return tp.tensor_type.elem_type
+        return TensorProto.FLOAT
+
+    def np_dtype(self, name: str) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type(name)))
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output, else None."""
+        if not name:
+            return None
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name == "value_float":
+                    return np.array(attr.f, dtype=np.float32)
+                if attr.name == "value_floats":
+                    return np.array(list(attr.floats), dtype=np.float32)
+                if attr.name == "value_int":
+                    return np.array(attr.i, dtype=np.int64)
+                if attr.name == "value_ints":
+                    return np.array(list(attr.ints), dtype=np.int64)
+        if node is not None and node.op_type == "Identity":
+            return self.constant_value(node.input[0])
+        return None
+
+    def topo_index(self) -> dict[int, int]:
+        return {id(n): i for i, n in enumerate(self.graph.node)}
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} node '{node.name or (node.output[0] if node.output else '?')}'"
+
+
+@dataclass
+class Emitter:
+    """Appends nodes/initializers with fresh names. `opset` decides attribute-vs-input forms."""
+
+    opset: int
+    taken: set[str]
+    prefix: str = "onnxcam"
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    _counter: int = 0
+
+    @classmethod
+    def for_model(cls, model: onnx.ModelProto, prefix: str = "onnxcam") -> "Emitter":
+        taken: set[str] = set()
+        g = model.graph
+        for n in g.node:
+            taken.update(n.output)
+            taken.update(n.input)
+            if n.name:
+                taken.add(n.name)
+        taken.update(t.name for t in g.initializer)
+        taken.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        return cls(opset=opset_version(model), taken=taken, prefix=prefix)
+
+    def fresh(self, hint: str) -> str:
+        hint = hint.replace("/", "_").replace(":", "_").strip("_")[-48:] or "t"
+        while True:
+            self._counter += 1
+            name = f"{self.prefix}/{hint}_{self._counter}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1, hint: str | None = None,
+           outputs: Sequence[str] | None = None, **attrs) -> str | list[str]:
+        if outputs is None:
+            outputs = [self.fresh(f"{hint or op_type}") for _ in range(n_out)]
+        else:
+            self.taken.update(outputs)
+        node = helper.make_node(op_type, list(inputs), list(outputs), name=self.fresh(op_type + "_node"),
+                                **{k: v for k, v in attrs.items() if v is not None})
+        self.nodes.append(node)
+        return outputs[0] if len(outputs) == 1 else list(outputs)
+
+    def const(self, value, dtype=None, hint: str = "const") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def ints(self, values: Iterable[int], hint: str = "ints") -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64), hint=hint)
+
+    # Opset-dependent forms, so rules never branch on the version themselves.
+    def reduce(self, op_type: str, x: str, axes: Sequence[int] | None, keepdims: int = 1) -> str:
+        axes_as_input = self.opset >= 18 or (op_type == "ReduceSum" and self.opset >= 13)
+        if axes is None:
+            return self.op(op_type, [x], keepdims=keepdims)
+        if axes_as_input:
+            return self.op(op_type, [x, self.ints(axes, "axes")], keepdims=keepdims)
+        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)
+
+    def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        if self.opset >= 13:
+            return self.op("Unsqueeze", [x, self.ints(axes, "axes")])
+        return self.op("Unsqueeze", [x], axes=list(axes))
+
+    def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        if self.opset >= 13:
+            return self.op("Squeeze", [x, self.ints(axes, "axes")])
+        return self.op("Squeeze", [x], axes=list(axes))
+
+    def shape_of(self, x: str) -> str:
+        return self.op("Shape", [x], hint="shape")
+
+    def zeros_like(self, x: str, dtype: np.dtype) -> str:
+        zero = self.const(np.zeros((), dtype=dtype), hint="zero")
+        return self.op("Expand", [zero, self.shape_of(x)], hint="zeros")
+
+    def scalar(self, value: float, dtype: np.dtype, hint: str = "scalar") -> str:
+        return self.const(np.asarray(value, dtype=dtype), hint=hint)
+
+    def commit(self, model: onnx.ModelProto) -> None:
+        model.graph.node.extend(self.nodes)
+        model.graph.initializer.extend(self.initializers)
+        self.nodes = []
+        self.initializers = []
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
+    """Upgrades the default-domain opset when rules need newer operators (e.g. ScatterElements 'add')."""
+    current = opset_version(model)
+    if current >= minimum:
+        return model
+    from onnx import version_converter
+
+    ir = model.ir_version
+    try:
+        converted = version_converter.convert_version(model, minimum)
+    except Exception as exc:
+        raise OnnxcamError(f"cannot upgrade model from opset {current} to {minimum}: {str(exc).splitlines()[0]}") from None
+    converted.ir_version = max(ir, 7)
+    return converted
+
+
+def value_info(name: str, elem_type: int, shape: Sequence[Dim] | None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))

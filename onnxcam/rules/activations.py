@@ -1,0 +1,1 @@
+"""Rules for element-wise activation functions."""

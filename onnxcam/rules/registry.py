@@ -1,0 +1,153 @@
+"""The one table of vector-Jacobian products: op type -> rule.
+
+A rule receives a `Context` for one forward node and the gradients flowing into its outputs, and returns
+the gradient of each of its inputs (None where an input is not differentiable or not needed). Rules only
+append standard ONNX operators through `ctx.emit`; they never change the forward graph except through
+`ctx.add_output` (asking an existing node for one of its optional outputs, e.g. MaxPool's Indices).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from ..graph import Dim, Emitter, ModelView, attr
+
+Grad = Optional[str]
+Rule = Callable[["Context", list], list]
+
+RULES: dict[tuple[str, str], Rule] = {}
+
+
+def register(*op_types: str, domain: str = ""):
+    """`@register("Relu")` puts the decorated function in the table for those op types."""
+
+    def wrap(fn: Rule) -> Rule:
+        for op in op_types:
+            RULES[(domain, op)] = fn
+        return fn
+
+    return wrap
+
+
+def lookup(node: onnx.NodeProto) -> Rule | None:
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    return RULES.get((domain, node.op_type))
+
+
+def supported_ops() -> list[str]:
+    return sorted(op if not dom else f"{dom}.{op}" for dom, op in RULES)
+
+
+@dataclass
+class Context:
+    view: ModelView
+    emit: Emitter
+    node: onnx.NodeProto
+    needs: Sequence[bool]
+    # Guided Backprop / deconvnet change the ReLU-family rules only; everything else ignores it.
+    relu_mode: str = "grad"
+
+    # --- facts about the forward graph -------------------------------------------------------
+    def input(self, i: int) -> str:
+        return self.node.input[i] if i < len(self.node.input) else ""
+
+    def output(self, i: int) -> str:
+        return self.node.output[i] if i < len(self.node.output) else ""
+
+    def attr(self, name: str, default=None):
+        return attr(self.node, name, default)
+
+    def shape(self, name: str) -> list[Dim] | None:
+        return self.view.shape(name)
+
+    def rank(self, name: str) -> int:
+        r = self.view.rank(name)
+        if r is None:
+            raise ValueError(f"rank of '{name}' is unknown (shape inference gave none)")
+        return r
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.view.np_dtype(name)
+
+    def value(self, name: str) -> np.ndarray | None:
+        """Constant value of an input (initializer / Constant), else None."""
+        return self.view.constant_value(name)
+
+    @property
+    def opset(self) -> int:
+        return self.emit.opset
+
+    def add_output(self, index: int, hint: str) -> str:
+        """Makes the forward node produce its optional output `index` and returns its name."""
+        node = self.node
+        while len(node.output) <= index:
+            node.output.append("")
+        if not node.output[index]:
+            node.output[index] = self.emit.fresh(hint)
+        return node.output[index]
+
+    # --- small building blocks shared by many rules -----------------------------------------
+    def op(self, op_type: str, inputs: Sequence[str], **attrs) -> str:
+        return self.emit.op(op_type, inputs, **attrs)
+
+    def scalar(self, value: float, like: str) -> str:
+        return self.emit.scalar(value, self.dtype(like))
+
+    def unbroadcast(self, g: str, x: str) -> str:
+        """Sums `g` (shaped like the broadcast result) back to the shape of operand `x`."""
+        return unbroadcast(self, g, x, self.output(0))
+
+
+def unbroadcast(ctx: Context, g: str, x: str, y: str) -> str:
+    emit = ctx.emit
+    xs, ys = ctx.shape(x), ctx.shape(y)
+    if xs is not None and ys is not None:
+        if list(xs) == list(ys):
+            return g
+        lead = len(ys) - len(xs)
+        axes = list(range(lead))
+        static = True
+        for i, dx in enumerate(xs):
+            dy = ys[lead + i]
+            if dx == dy and dx is not None:
+                continue
+            if dx == 1:
+                if dy != 1:
+                    axes.append(lead + i)
+                continue
+            if isinstance(dx, int) and isinstance(dy, int) and dx == dy:
+                continue
+            static = False
+            break
+        if static:
+            if not axes:
+                return g
+            summed = emit.reduce("ReduceSum", g, axes, keepdims=1)
+            if lead:
+                summed = emit.squeeze(summed, list(range(lead))) if len(xs) else emit.op(
+                    "Reshape", [summed, emit.ints([], "scalar_shape")])
+            return summed
+    return _unbroadcast_dynamic(ctx, g, x)
+
+
+def _unbroadcast_dynamic(ctx: Context, g: str, x: str) -> str:
+    """Same as above when shapes are only known at run time: reduce where the operand's dim is 1."""
+    emit = ctx.emit
+    gshape = emit.shape_of(g)
+    xshape = emit.shape_of(x)
+    g_rank = emit.op("Size", [gshape])
+    x_rank = emit.op("Size", [xshape])
+    lead = emit.op("Sub", [g_rank, x_rank])
+    ones = emit.op("Expand", [emit.ints([1]), emit.op("Reshape", [lead, emit.ints([1])])])
+    x_padded = emit.op("Concat", [ones, xshape], axis=0)
+    reduce_mask = emit.op("And", [emit.op("Equal", [x_padded, emit.ints([1])]),
+                                  emit.op("Not", [emit.op("Equal", [gshape, emit.ints([1])])])])
+    axes = emit.op("Reshape", [emit.op("NonZero", [reduce_mask]), emit.ints([-1])])
+    if emit.opset >= 13:
+        summed = emit.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
+    else:
+        raise ValueError("broadcast gradient with dynamic shapes needs opset >= 13")
+    return emit.op("Reshape", [summed, xshape])
