@@ -1,19 +1,344 @@
-"""Rules for convolutions, pooling and normalisation layers."""
+"""Rules for convolutions, pooling and normalisation layers.
+
+Only the gradient with respect to the data input is built; weights, biases and normalisation statistics
+get None. Spatial geometry (kernel, strides, dilations, pads) is read from attributes and the inferred
+shapes; where spatial sizes are symbolic the same quantities are computed in the graph from `Shape`.
+"""
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
+
+import numpy as np
+from onnx import helper
 
 from .registry import Context, register
 
+BIG = 2**62
+# Static per-dimension values (python ints) or an int64 tensor of length n_spatial in the graph.
+IntsOrTensor = Union[list, str]
 
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------------
 def spatial_count(ctx: Context, x: str) -> str:
     """Number of spatial positions of NC... tensor `x`, as a scalar of x's dtype."""
     shape = ctx.shape(x)
     if shape is not None and all(isinstance(d, int) for d in shape[2:]):
         return ctx.scalar(float(math.prod(shape[2:])), x)
     emit = ctx.emit
-    dims = emit.op("Slice", [emit.shape_of(x), emit.ints([2]), emit.ints([2**62])])
+    dims = emit.op("Slice", [emit.shape_of(x), emit.ints([2]), emit.ints([BIG])])
     return emit.op("Cast", [emit.reduce("ReduceProd", dims, None, keepdims=0)], to=ctx.view.elem_type(x))
+
+
+def _static_spatial(ctx: Context, name: str) -> list[int] | None:
+    shape = ctx.shape(name)
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return [int(d) for d in shape[2:]]
+
+
+def _spatial_shape(ctx: Context, name: str) -> str:
+    """int64 tensor with the spatial dims of `name` (static constant when known)."""
+    static = _static_spatial(ctx, name)
+    if static is not None:
+        return ctx.emit.ints(static, "spatial")
+    emit = ctx.emit
+    return emit.op("Slice", [emit.shape_of(name), emit.ints([2]), emit.ints([BIG]), emit.ints([0])])
+
+
+def _as_tensor(ctx: Context, v: IntsOrTensor) -> str:
+    return ctx.emit.ints(v) if isinstance(v, list) else v
+
+
+def _n_spatial(ctx: Context, x: str) -> int:
+    return ctx.rank(x) - 2
+
+
+def _geometry(ctx: Context, n: int, w: str | None = None):
+    """kernel, strides, dilations of the current node (kernel from the attribute or the weight's shape)."""
+    kernel = ctx.attr("kernel_shape")
+    if kernel is None and w is not None:
+        ws = ctx.shape(w)
+        if ws is not None and all(isinstance(d, int) for d in ws[2:]):
+            kernel = ws[2:]
+    if kernel is not None:
+        kernel = [int(k) for k in kernel]
+        if len(kernel) != n:
+            raise ValueError(f"kernel_shape {kernel} does not match {n} spatial dims")
+    strides = [int(s) for s in (ctx.attr("strides") or [1] * n)]
+    dilations = [int(d) for d in (ctx.attr("dilations") or [1] * n)]
+    return kernel, strides, dilations
+
+
+def _auto_pad(ctx: Context) -> str:
+    ap = ctx.attr("auto_pad", "NOTSET")
+    return ap.decode() if isinstance(ap, bytes) else ap
+
+
+def _max0(ctx: Context, t: str) -> str:
+    zero = ctx.emit.ints([0])
+    return ctx.op("Where", [ctx.op("Less", [t, zero]), zero, t])
+
+
+def _resolve_pads(ctx: Context, x: str, y: str, kernel, strides, dilations) -> tuple[IntsOrTensor, IntsOrTensor]:
+    """(pads_begin, pads_end) of a Conv/pool node, with auto_pad turned into explicit numbers.
+
+    SAME_*: total = max(0, (out-1)*stride + dilation*(k-1) + 1 - in), the odd one at the end for
+    SAME_UPPER and at the beginning for SAME_LOWER (as onnxruntime does).
+    """
+    n = len(strides)
+    mode = _auto_pad(ctx)
+    if mode in ("NOTSET", ""):
+        pads = [int(p) for p in (ctx.attr("pads") or [0] * (2 * n))]
+        return pads[:n], pads[n:]
+    if mode == "VALID":
+        return [0] * n, [0] * n
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ValueError(f"unknown auto_pad '{mode}'")
+    if kernel is None:
+        raise ValueError("auto_pad SAME needs a known kernel shape (kernel_shape attribute or a weight of static shape)")
+    dk = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
+    xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
+    if xin is not None and yout is not None:
+        total = [max(0, (o - 1) * s + k - i) for i, o, s, k in zip(xin, yout, strides, dk)]
+        if mode == "SAME_UPPER":
+            begin = [t // 2 for t in total]
+        else:
+            begin = [t - t // 2 for t in total]
+        return begin, [t - b for t, b in zip(total, begin)]
+    # Symbolic spatial dims: the same arithmetic in the graph (out = ceil(in / stride) for SAME).
+    emit = ctx.emit
+    xin_t = _spatial_shape(ctx, x)
+    s = emit.ints(strides)
+    out = ctx.op("Div", [ctx.op("Add", [xin_t, emit.ints([v - 1 for v in strides])]), s])
+    total = _max0(ctx, ctx.op("Sub", [ctx.op("Add", [ctx.op("Mul", [ctx.op("Sub", [out, emit.ints([1] * n)]), s]),
+                                                     emit.ints(dk)]), xin_t]))
+    half = ctx.op("Div", [total, emit.ints([2] * n)])
+    begin = half if mode == "SAME_UPPER" else ctx.op("Sub", [total, half])
+    return begin, ctx.op("Sub", [total, begin])
+
+
+def _transpose_conv(ctx: Context, g: str, w: str, x: str, y: str, strides, dilations, group: int,
+                    pads_begin: IntsOrTensor, pads_end: IntsOrTensor, kernel) -> str:
+    """Adjoint of Conv(x, w, strides, dilations, group, pads) applied to `g` (shaped like y): shaped like x.
+
+    With static sizes: ConvTranspose with the forward's explicit pads and
+    output_padding = in - ((out-1)*stride - pad_begin - pad_end + dilation*(k-1) + 1).
+    Otherwise (symbolic sizes, dynamic pads, or an output_padding out of range as ceil-mode pools give):
+    ConvTranspose without pads (covers the whole padded input), Slice [pad_begin, pad_begin + in) and
+    zero-Pad the end up to `in` (input positions no window reached).
+    """
+    emit = ctx.emit
+    n = len(strides)
+    xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
+    if (xin is not None and yout is not None and kernel is not None
+            and isinstance(pads_begin, list) and isinstance(pads_end, list)):
+        opad = [i - ((o - 1) * s - pb - pe + d * (k - 1) + 1)
+                for i, o, s, pb, pe, d, k in zip(xin, yout, strides, pads_begin, pads_end, dilations, kernel)]
+        if all(0 <= p < max(s, d) for p, s, d in zip(opad, strides, dilations)):
+            return ctx.op("ConvTranspose", [g, w], strides=strides, dilations=dilations, group=group,
+                          pads=list(pads_begin) + list(pads_end),
+                          output_padding=opad if any(opad) else None)
+    if ctx.opset < 11:
+        raise ValueError("this gradient (symbolic spatial sizes or ceil_mode) needs opset >= 11 "
+                         f"(Slice/Pad with tensor inputs); the model has opset {ctx.opset}")
+    full = ctx.op("ConvTranspose", [g, w], strides=strides, dilations=dilations, group=group)
+    axes = emit.ints(range(2, 2 + n))
+    xin_t = _spatial_shape(ctx, x)
+    start = _as_tensor(ctx, pads_begin)
+    sliced = ctx.op("Slice", [full, start, ctx.op("Add", [start, xin_t]), axes])
+    missing = _max0(ctx, ctx.op("Sub", [xin_t, _spatial_shape_of_tensor(ctx, sliced)]))
+    pads = ctx.op("Concat", [emit.ints([0] * (n + 4)), missing], axis=0)
+    return ctx.op("Pad", [sliced, pads])
+
+
+def _spatial_shape_of_tensor(ctx: Context, t: str) -> str:
+    emit = ctx.emit
+    return emit.op("Slice", [emit.shape_of(t), emit.ints([2]), emit.ints([BIG]), emit.ints([0])])
+
+
+# --------------------------------------------------------------------------------------------------
+# Conv / ConvTranspose
+# --------------------------------------------------------------------------------------------------
+@register("Conv")
+def conv(ctx: Context, gy):
+    x, w, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0]:
+        return result
+    n = _n_spatial(ctx, x)
+    kernel, strides, dilations = _geometry(ctx, n, w)
+    group = int(ctx.attr("group", 1))
+    pb, pe = _resolve_pads(ctx, x, y, kernel, strides, dilations)
+    result[0] = _transpose_conv(ctx, gy[0], w, x, y, strides, dilations, group, pb, pe, kernel)
+    return result
+
+
+def _conv_transpose_pads(ctx: Context, x: str, y: str, kernel, strides, dilations, opad):
+    """Explicit (begin, end) pads of a ConvTranspose node, as onnxruntime resolves auto_pad/output_shape."""
+    n = len(strides)
+    mode = _auto_pad(ctx)
+    output_shape = ctx.attr("output_shape")
+    if mode in ("NOTSET", "") and output_shape is None:
+        pads = [int(p) for p in (ctx.attr("pads") or [0] * (2 * n))]
+        return pads[:n], pads[n:]
+    if mode == "VALID" and output_shape is None:
+        return [0] * n, [0] * n
+    xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
+    if xin is None or yout is None or kernel is None:
+        raise ValueError("ConvTranspose with auto_pad/output_shape needs static spatial sizes and kernel shape")
+    total = [max(0, s * (i - 1) + p + d * (k - 1) + 1 - o)
+             for i, o, s, p, d, k in zip(xin, yout, strides, opad, dilations, kernel)]
+    # onnxruntime: SAME_UPPER puts the odd pad at the beginning, everything else at the end.
+    if mode == "SAME_UPPER":
+        begin = [t - t // 2 for t in total]
+    else:
+        begin = [t // 2 for t in total]
+    return begin, [t - b for t, b in zip(total, begin)]
+
+
+@register("ConvTranspose")
+def conv_transpose(ctx: Context, gy):
+    """y = ConvTranspose(x, W) is the adjoint of Conv(., W) with the same attributes, so gx = Conv(gy, W).
+
+    The ConvTranspose weight layout (C_in, C_out/group, k...) is exactly a Conv weight from C_out/group
+    channels per group to C_in channels, so W is used as is.
+    """
+    x, w, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0]:
+        return result
+    n = _n_spatial(ctx, x)
+    kernel, strides, dilations = _geometry(ctx, n, w)
+    group = int(ctx.attr("group", 1))
+    opad = [int(p) for p in (ctx.attr("output_padding") or [0] * n)]
+    pb, pe = _conv_transpose_pads(ctx, x, y, kernel, strides, dilations, opad)
+    gx = ctx.op("Conv", [gy[0], w], strides=strides, dilations=dilations, group=group, pads=pb + pe,
+                kernel_shape=kernel)
+    if any(p >= s for p, s in zip(opad, strides)):
+        # Conv gives in + floor(output_padding / stride) positions; the extra ones are padding.
+        emit = ctx.emit
+        gx = ctx.op("Slice", [gx, emit.ints([0] * n), _spatial_shape(ctx, x), emit.ints(range(2, 2 + n))])
+    result[0] = gx
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------------
+@register("MaxPool")
+def max_pool(ctx: Context, gy):
+    """Scatter-add of gy to the argmax of each window, located by MaxPool's own Indices output.
+
+    Exact with overlapping windows (duplicates add up, unlike MaxUnpool). Indices are flat over the
+    whole N*C*spatial tensor; with storage_order=1 the spatial part is column-major and is converted.
+    """
+    x, y = ctx.input(0), ctx.output(0)
+    if gy[0] is None:
+        return [None]
+    if ctx.opset < 16:
+        raise ValueError(f"the MaxPool gradient needs ScatterElements with reduction='add', i.e. opset >= 16 "
+                         f"(the model has opset {ctx.opset}); upgrade the model's opset first")
+    emit = ctx.emit
+    indices = ctx.add_output(1, "maxpool_indices")
+    flat_idx = ctx.op("Reshape", [indices, emit.ints([-1])])
+    if int(ctx.attr("storage_order", 0)) == 1:
+        flat_idx = _column_to_row_major(ctx, flat_idx, x)
+    flat_g = ctx.op("Reshape", [gy[0], emit.ints([-1])])
+    zeros = ctx.op("Reshape", [emit.zeros_like(x, ctx.dtype(x)), emit.ints([-1])])
+    scattered = ctx.op("ScatterElements", [zeros, flat_idx, flat_g], axis=0, reduction="add")
+    return [ctx.op("Reshape", [scattered, emit.shape_of(x)])]
+
+
+def _column_to_row_major(ctx: Context, idx: str, x: str) -> str:
+    dims = _static_spatial(ctx, x)
+    if dims is None:
+        raise ValueError("MaxPool with storage_order=1 needs static spatial sizes")
+    emit = ctx.emit
+    size = math.prod(dims)
+    rest = ctx.op("Mod", [idx, emit.ints([size])])
+    out = ctx.op("Sub", [idx, rest])
+    row_strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+    for d, dim in enumerate(dims):  # column-major: the first spatial dim varies fastest
+        pos = ctx.op("Mod", [rest, emit.ints([dim])])
+        rest = ctx.op("Div", [rest, emit.ints([dim])])
+        out = ctx.op("Add", [out, ctx.op("Mul", [pos, emit.ints([row_strides[d]])])])
+    return out
+
+
+def _valid_counts(ctx: Context, x: str, y: str, kernel, strides, dilations, pads_begin: IntsOrTensor) -> str:
+    """Tensor (1, 1, out...) with the number of real (non-pad) inputs in each pooling window."""
+    xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
+    dtype = ctx.dtype(x)
+    n = len(strides)
+    if xin is not None and yout is not None and isinstance(pads_begin, list):
+        total = np.ones((), dtype=np.float64)
+        for d in range(n):
+            pos = (np.arange(yout[d])[:, None] * strides[d] - pads_begin[d]
+                   + np.arange(kernel[d])[None, :] * dilations[d])
+            total = np.multiply.outer(total, ((pos >= 0) & (pos < xin[d])).sum(axis=1))
+        total = np.maximum(total, 1).reshape([1, 1] + yout)
+        return ctx.emit.const(total.astype(dtype), hint="pool_counts")
+    emit = ctx.emit
+    xin_t = _spatial_shape(ctx, x)
+    yout_t = _spatial_shape(ctx, y)
+    pb_t = _as_tensor(ctx, pads_begin)
+    total = None
+    for d in range(n):
+        pick = emit.ints([d])
+        i_d = ctx.op("Gather", [xin_t, pick], axis=0)                        # [1]
+        o_d = emit.squeeze(ctx.op("Gather", [yout_t, pick], axis=0), [0])     # scalar
+        start = ctx.op("Sub", [ctx.op("Mul", [ctx.op("Range", [emit.const(np.array(0, np.int64)), o_d,
+                                                                   emit.const(np.array(1, np.int64))]),
+                                              emit.ints([strides[d]])]),
+                               ctx.op("Gather", [pb_t, pick], axis=0)])       # [out]
+        pos = ctx.op("Add", [emit.unsqueeze(start, [1]),
+                             emit.const(np.arange(kernel[d], dtype=np.int64)[None, :] * dilations[d])])
+        valid = ctx.op("And", [ctx.op("Not", [ctx.op("Less", [pos, emit.ints([0])])]), ctx.op("Less", [pos, i_d])])
+        counts = emit.reduce("ReduceSum", ctx.op("Cast", [valid], to=ctx.view.elem_type(x)), [1], keepdims=0)
+        shape = [1] * n
+        shape[d] = -1
+        counts = ctx.op("Reshape", [counts, emit.ints(shape)])
+        total = counts if total is None else ctx.op("Mul", [total, counts])
+    return emit.unsqueeze(ctx.op("Max", [total, ctx.scalar(1.0, x)]), [0, 1])
+
+
+@register("AveragePool")
+def average_pool(ctx: Context, gy):
+    """gx = S^T(gy / D): S sums each window (zero padding), D is the divisor onnxruntime used there.
+
+    D is not computed by re-deriving onnxruntime's rules (count_include_pad, ceil_mode windows that run
+    past the padded input): 1/D = AveragePool(ones)/V, with V the number of real inputs per window and
+    AveragePool(ones) run with the node's own attributes. S^T is a ConvTranspose with a ones kernel on
+    (N*C, 1, ...) so that the channel count need not be static.
+    """
+    x, y = ctx.input(0), ctx.output(0)
+    if gy[0] is None:
+        return [None]
+    emit = ctx.emit
+    n = _n_spatial(ctx, x)
+    kernel, strides, dilations = _geometry(ctx, n)
+    pb, pe = _resolve_pads(ctx, x, y, kernel, strides, dilations)
+    dtype = ctx.dtype(x)
+    xin = _static_spatial(ctx, x)
+    if xin is not None:
+        ones = emit.const(np.ones([1, 1] + xin, dtype=dtype), hint="ones")
+    else:
+        ones = ctx.op("Expand", [emit.scalar(1.0, dtype), ctx.op("Concat", [emit.ints([1, 1]), _spatial_shape(ctx, x)],
+                                                                 axis=0)])
+    attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
+    avg_ones = ctx.op("AveragePool", [ones], **attrs)
+    factor = ctx.op("Div", [avg_ones, _valid_counts(ctx, x, y, kernel, strides, dilations, pb)])
+    g = ctx.op("Mul", [gy[0], factor])
+    yout = _static_spatial(ctx, y)
+    g_shape = emit.ints([-1, 1] + yout) if yout is not None else ctx.op(
+        "Concat", [emit.ints([-1, 1]), _spatial_shape(ctx, y)], axis=0)
+    g = ctx.op("Reshape", [g, g_shape])
+    w = emit.const(np.ones([1, 1] + kernel, dtype=dtype), hint="ones_kernel")
+    gx = _transpose_conv(ctx, g, w, x, y, strides, dilations, 1, pb, pe, kernel)
+    return [ctx.op("Reshape", [gx, emit.shape_of(x)])]
 
 
 @register("GlobalAveragePool")
@@ -21,3 +346,137 @@ def global_average_pool(ctx: Context, gy):
     x = ctx.input(0)
     g = ctx.op("Div", [gy[0], spatial_count(ctx, x)])
     return [ctx.op("Expand", [g, ctx.emit.shape_of(x)])]
+
+
+@register("GlobalMaxPool")
+def global_max_pool(ctx: Context, gy):
+    """All of gy[n, c] goes to the first (row-major) position of the channel's maximum (ArgMax's choice,
+    also what onnxruntime's MaxPool Indices and PyTorch pick); ties are not split."""
+    x = ctx.input(0)
+    emit = ctx.emit
+    flat = ctx.op("Reshape", [x, emit.ints([0, 0, -1])])
+    arg = ctx.op("ArgMax", [flat], axis=2, keepdims=1)                        # (N, C, 1)
+    size = emit.squeeze(ctx.op("Slice", [emit.shape_of(flat), emit.ints([2]), emit.ints([3])]), [0])
+    positions = ctx.op("Range", [emit.const(np.array(0, np.int64)), size, emit.const(np.array(1, np.int64))])
+    onehot = ctx.op("Cast", [ctx.op("Equal", [positions, arg])], to=ctx.view.elem_type(x))
+    g = ctx.op("Mul", [onehot, ctx.op("Reshape", [gy[0], emit.ints([0, 0, 1])])])
+    return [ctx.op("Reshape", [g, emit.shape_of(x)])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+def _channel_view(ctx: Context, v: str, rank: int) -> str:
+    """A per-channel vector (C,) reshaped to (C, 1, ..., 1) to broadcast against an NC... tensor."""
+    return ctx.op("Reshape", [v, ctx.emit.ints([-1] + [1] * (rank - 2))])
+
+
+@register("BatchNormalization")
+def batch_normalization(ctx: Context, gy):
+    x, scale, var = ctx.input(0), ctx.input(1), ctx.input(4)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0] or gy[0] is None:
+        return result
+    if int(ctx.attr("training_mode", 0)) == 1 or (ctx.opset < 7 and int(ctx.attr("is_test", 0)) == 0):
+        raise ValueError("BatchNormalization in training mode (batch statistics) is not supported; "
+                         "export the model in eval mode")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    rank = ctx.rank(x)
+    factor = ctx.op("Div", [scale, ctx.op("Sqrt", [ctx.op("Add", [var, ctx.scalar(eps, x)])])])
+    if ctx.opset < 9 and int(ctx.attr("spatial", 1)) == 0:
+        factor = ctx.emit.unsqueeze(factor, [0])  # per-activation statistics of shape (C, D1, ...)
+    else:
+        factor = _channel_view(ctx, factor, rank)
+    result[0] = ctx.op("Mul", [gy[0], factor])
+    return result
+
+
+def _count_over(ctx: Context, x: str, axes: Sequence[int]) -> str:
+    """Number of elements of `x` over `axes`, as a scalar of x's dtype."""
+    shape = ctx.shape(x)
+    if shape is not None and all(isinstance(shape[a], int) for a in axes):
+        return ctx.scalar(float(math.prod(shape[a] for a in axes)), x)
+    emit = ctx.emit
+    dims = ctx.op("Gather", [emit.shape_of(x), emit.ints(axes)], axis=0)
+    return ctx.op("Cast", [emit.reduce("ReduceProd", dims, None, keepdims=0)], to=ctx.view.elem_type(x))
+
+
+def _normalised_grad(ctx: Context, x: str, gs: str, axes: Sequence[int], eps: float,
+                     g_mean: str | None = None, g_invstd: str | None = None) -> str:
+    """Gradient of xhat = (x - mean) * invstd over `axes` given gs = d/dxhat (already times scale):
+
+        gx = invstd * (gs - mean(gs) - xhat * mean(gs * xhat))
+
+    plus the contributions of the statistics themselves when they are outputs with gradients
+    (d mean / dx = 1/n, d invstd / dx = -invstd^2 * xhat / n).
+    """
+    emit = ctx.emit
+    mean = emit.reduce("ReduceMean", x, axes, keepdims=1)
+    centred = ctx.op("Sub", [x, mean])
+    var = emit.reduce("ReduceMean", ctx.op("Mul", [centred, centred]), axes, keepdims=1)
+    invstd = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [var, ctx.scalar(eps, x)])])])
+    xhat = ctx.op("Mul", [centred, invstd])
+    mg = emit.reduce("ReduceMean", gs, axes, keepdims=1)
+    mgx = emit.reduce("ReduceMean", ctx.op("Mul", [gs, xhat]), axes, keepdims=1)
+    inner = ctx.op("Sub", [ctx.op("Sub", [gs, mg]), ctx.op("Mul", [xhat, mgx])])
+    if g_invstd is not None:
+        inner = ctx.op("Sub", [inner, ctx.op("Mul", [xhat, ctx.op("Mul", [g_invstd, invstd])])])
+    gx = ctx.op("Mul", [inner, invstd])
+    if g_mean is not None:
+        gx = ctx.op("Add", [gx, ctx.op("Div", [g_mean, _count_over(ctx, x, axes)])])
+    return gx
+
+
+@register("LayerNormalization")
+def layer_normalization(ctx: Context, gy):
+    x, scale = ctx.input(0), ctx.input(1)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0]:
+        return result
+    rank = ctx.rank(x)
+    axis = int(ctx.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    axes = list(range(axis, rank))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    g_mean = gy[1] if len(gy) > 1 else None
+    g_invstd = gy[2] if len(gy) > 2 else None
+    if gy[0] is not None:
+        gs = ctx.op("Mul", [gy[0], scale])
+    else:
+        gs = ctx.emit.zeros_like(x, ctx.dtype(x))
+    result[0] = _normalised_grad(ctx, x, gs, axes, eps, g_mean, g_invstd)
+    return result
+
+
+@register("InstanceNormalization")
+def instance_normalization(ctx: Context, gy):
+    x, scale = ctx.input(0), ctx.input(1)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0] or gy[0] is None:
+        return result
+    rank = ctx.rank(x)
+    gs = ctx.op("Mul", [gy[0], _channel_view(ctx, scale, rank)])
+    result[0] = _normalised_grad(ctx, x, gs, list(range(2, rank)), float(ctx.attr("epsilon", 1e-5)))
+    return result
+
+
+@register("GroupNormalization")
+def group_normalization(ctx: Context, gy):
+    """Statistics over (C/G, spatial...) per group; the scale is per group at opset 18 (per channel from 21)."""
+    x, scale = ctx.input(0), ctx.input(1)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0] or gy[0] is None:
+        return result
+    emit = ctx.emit
+    groups = int(ctx.attr("num_groups"))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    rank = ctx.rank(x)
+    grouped = emit.ints([0, groups, -1])
+    xg = ctx.op("Reshape", [x, grouped])
+    if ctx.opset >= 21:
+        gs = ctx.op("Reshape", [ctx.op("Mul", [gy[0], _channel_view(ctx, scale, rank)]), grouped])
+    else:
+        gs = ctx.op("Mul", [ctx.op("Reshape", [gy[0], grouped]), ctx.op("Reshape", [scale, emit.ints([-1, 1])])])
+    gx = _normalised_grad(ctx, xg, gs, [2], eps)
+    result[0] = ctx.op("Reshape", [gx, emit.shape_of(x)])
+    return result
