@@ -1,0 +1,159 @@
+"""Which tensors to explain: the score (pre-softmax logits) and the target layer.
+
+Grad-CAM uses the last convolutional feature map, i.e. the last spatial tensor on the way to the score
+before the spatial dimensions are collapsed. We find it structurally: walk back from the score to the
+first node that shrinks a rank>=3 tensor (a global pool, a reduce, a pooling layer ...), then step back
+over pooling and identity-like nodes. That lands on a conv's activation, a residual Add (+Relu) or a
+Concat of branches, whatever the exporter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from onnx import TensorProto
+
+from .errors import OnnxcamError
+from .graph import Dim, ModelView
+
+# Ops that follow a softmax output without changing what it means.
+_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+_SOFTMAX = {"Softmax", "LogSoftmax"}
+# Shrinking a spatial tensor with these is "collapsing the spatial dims"; the layer is their input.
+_POOLING = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "LpPool",
+            "ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2", "ReduceLogSumExp", "ReduceMin",
+            "Reshape", "Flatten", "Slice", "Gather", "Squeeze"}
+# Stepping back over these does not change which feature map is meant.
+_SKIP_BACK = {"MaxPool", "AveragePool", "LpPool", "Identity", "Dropout"}
+_FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class LayerCandidate:
+    name: str
+    op: str
+    shape: tuple
+    spatial: tuple
+    default: bool = False
+
+
+def image_input(view: ModelView) -> str:
+    """The explained input: the first float input of rank >= 3 (the image)."""
+    for name in view.graph_inputs:
+        shape = view.shape(name)
+        if view.elem_type(name) in _FLOAT and shape is not None and len(shape) >= 3:
+            return name
+    for name in view.graph_inputs:
+        if view.elem_type(name) in _FLOAT:
+            return name
+    raise OnnxcamError("model has no floating-point input to explain")
+
+
+def find_score(view: ModelView, output: str | None = None) -> str:
+    """The model output to differentiate, moved before a trailing Softmax/LogSoftmax."""
+    if output is None:
+        if not view.graph_outputs:
+            raise OnnxcamError("model has no outputs")
+        output = view.graph_outputs[0]
+    elif output not in view.graph_outputs and output not in view.producer:
+        raise OnnxcamError(f"unknown output '{output}'; model outputs: {', '.join(view.graph_outputs)}")
+    t = output
+    while True:
+        node = view.producer.get(t)
+        if node is None:
+            return output
+        if node.op_type in _SOFTMAX:
+            return node.input[0]
+        if node.op_type in _PASS_THROUGH:
+            t = node.input[0]
+            continue
+        return output
+
+
+def path_tensors(view: ModelView, source: str, sink: str) -> set[str]:
+    """Float tensors that depend on `source` and feed `sink`."""
+    from .autodiff import active_tensors
+
+    return active_tensors(view, sink, [source])
+
+
+def _per_sample_size(shape: list[Dim] | None) -> float:
+    if shape is None or len(shape) < 1:
+        return math.inf
+    dims = shape[1:]
+    if all(isinstance(d, int) for d in dims):
+        return float(math.prod(dims))
+    return math.inf
+
+
+def _spatial(shape: list[Dim] | None) -> tuple:
+    return tuple(shape[2:]) if shape is not None and len(shape) >= 3 else ()
+
+
+def _main_input(view: ModelView, node, path: set[str]) -> str | None:
+    """The input through which the image reaches this node (the largest one if several)."""
+    ins = [i for i in node.input if i in path]
+    if not ins:
+        return None
+    return max(ins, key=lambda i: _per_sample_size(view.shape(i)))
+
+
+def default_layer(view: ModelView, image: str, score: str) -> str:
+    path = path_tensors(view, image, score)
+    t = score
+    first_spatial = None
+    while True:
+        node = view.producer.get(t)
+        if node is None or t == image:
+            break
+        x = _main_input(view, node, path)
+        if x is None:
+            break
+        xs = view.shape(x)
+        if first_spatial is None and view.rank(t) is not None and view.rank(t) >= 3:
+            first_spatial = t
+        if xs is not None and len(xs) >= 3 and _per_sample_size(view.shape(t)) < _per_sample_size(xs):
+            if node.op_type in _POOLING:
+                layer = x
+                while (p := view.producer.get(layer)) is not None and p.op_type in _SKIP_BACK:
+                    nxt = _main_input(view, p, path)
+                    if nxt is None or nxt == image:
+                        break
+                    layer = nxt
+                return layer
+            # A learned layer shrinks the map (e.g. a strided conv straight into Flatten): the layer
+            # is the last spatial tensor after it.
+            return first_spatial if first_spatial is not None else t
+        t = x
+    if first_spatial is not None:
+        return first_spatial
+    raise OnnxcamError("cannot choose the target layer automatically (no spatial feature map found on the "
+                       "way to the score); pass --layer NAME (see `onnxcam layers MODEL`)")
+
+
+def layer_candidates(view: ModelView, image: str, score: str) -> list[LayerCandidate]:
+    """Every spatial tensor (rank >= 3, produced by a node) between the image and the score, in graph order."""
+    path = path_tensors(view, image, score)
+    try:
+        chosen = default_layer(view, image, score)
+    except OnnxcamError:
+        chosen = None
+    out = []
+    for node in view.graph.node:
+        for o in node.output:
+            if o in path and o != image:
+                shape = view.shape(o)
+                if shape is None or len(shape) < 3:
+                    continue
+                out.append(LayerCandidate(o, node.op_type, tuple(shape), _spatial(shape), o == chosen))
+    return out
+
+
+def check_layer(view: ModelView, layer: str, image: str, score: str) -> None:
+    if not view.has_tensor(layer) or layer in view.initializers:
+        raise OnnxcamError(f"unknown layer '{layer}': no such tensor in the model (see `onnxcam layers MODEL`)")
+    if layer not in path_tensors(view, image, score):
+        raise OnnxcamError(f"layer '{layer}' does not lie between input '{image}' and score '{score}'")
+    shape = view.shape(layer)
+    if shape is None or len(shape) < 3:
+        raise OnnxcamError(f"layer '{layer}' has shape {shape}; Grad-CAM needs a feature map (N, C, spatial...)")
