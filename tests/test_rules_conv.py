@@ -72,3 +72,127 @@ def test_conv_opsets(opset):
     check_vjp("Conv", inputs, wrt=["x"], attrs=attrs, rtol=1e-4, opset=opset)
     check_vjp("Conv", inputs, wrt=["x"], attrs=attrs, rtol=1e-4, opset=opset, dynamic=dyn_all(4))
 
+
+
+# --------------------------------------------------------------------------------------------------
+# ConvTranspose (gradient w.r.t. its data input)
+# --------------------------------------------------------------------------------------------------
+CONVT_CASES = [
+    ((2, 3, 5, 4), (3, 4, 3, 3), {}),
+    ((1, 3, 5, 6), (3, 2, 3, 2), {"strides": [2, 3], "pads": [1, 0, 0, 1], "output_padding": [1, 2]}),
+    ((1, 4, 5, 5), (4, 3, 3, 3), {"group": 2, "dilations": [2, 1], "pads": [1, 1, 2, 0]}),
+    ((1, 4, 6, 6), (4, 1, 4, 4), {"group": 4, "strides": [2, 2], "pads": [1, 1, 1, 1]}),   # depthwise
+    ((1, 2, 4, 5), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+    ((1, 2, 4, 5), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_LOWER"}),
+    ((1, 2, 4, 5), (2, 3, 4, 3), {"strides": [2, 2], "output_shape": [9, 10]}),
+    ((1, 2, 4, 5), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER", "output_shape": [7, 9]}),
+    ((2, 3, 6), (3, 2, 3), {"strides": [3], "pads": [0, 2], "output_padding": [2]}),       # 1-D
+    ((1, 2, 3, 4, 3), (2, 2, 3, 2, 3), {"strides": [2, 1, 2], "pads": [1, 0, 1, 0, 1, 1]}),  # 3-D
+    ((1, 2, 5, 5), (2, 2, 3, 3), {"strides": [2, 2], "dilations": [3, 3], "output_padding": [1, 1]}),
+    ((1, 2, 4, 5), (2, 3, 4, 4), {"auto_pad": "SAME_UPPER"}),                             # odd total pad
+    ((1, 2, 4, 5), (2, 3, 4, 4), {"auto_pad": "SAME_LOWER"}),
+    ((1, 2, 4, 5), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER", "output_shape": [8, 10]}),
+    ((1, 2, 4, 5), (2, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_LOWER", "output_shape": [8, 10]}),
+    ((1, 2, 4, 5), (2, 3, 3, 3), {"strides": [2, 2], "output_shape": [6, 8]}),
+]
+
+
+@pytest.mark.parametrize("xs,ws,attrs", CONVT_CASES)
+def test_conv_transpose(xs, ws, attrs):
+    inputs = {"x": rand(xs, 1), "w": rand(ws, 2), "b": rand((ws[1] * attrs.get("group", 1),), 3)}
+    check_vjp("ConvTranspose", inputs, wrt=["x"], attrs=attrs, rtol=1e-4)
+
+
+def test_conv_transpose_dynamic():
+    xs, ws, attrs = CONVT_CASES[1]
+    inputs = {"x": rand(xs, 1), "w": rand(ws, 2)}
+    check_vjp("ConvTranspose", inputs, wrt=["x"], attrs=attrs, rtol=1e-4, dynamic=dyn_all(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling
+# --------------------------------------------------------------------------------------------------
+MAXPOOL_CASES = [
+    ((2, 3, 9, 9), {"kernel_shape": [3, 3], "strides": [2, 2]}),                  # overlapping (ResNet)
+    ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ((1, 2, 8, 7), {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 1, 0], "ceil_mode": 1}),
+    ((1, 2, 10, 9), {"kernel_shape": [2, 3], "dilations": [2, 2], "strides": [1, 2]}),
+    ((1, 2, 7, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+    ((1, 2, 8, 8), {"kernel_shape": [2, 2], "strides": [2, 2]}),                   # non-overlapping
+    ((2, 3, 11), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),       # 1-D
+    ((1, 2, 5, 6, 7), {"kernel_shape": [3, 2, 3], "strides": [2, 2, 2], "pads": [1, 0, 1, 1, 0, 0]}),  # 3-D
+]
+
+
+@pytest.mark.parametrize("xs,attrs", MAXPOOL_CASES)
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_max_pool(xs, attrs, dtype):
+    check_vjp("MaxPool", {"x": distinct(xs, 1, dtype)}, attrs=attrs, eps=1e-3 if dtype == F32 else None)
+
+
+def test_max_pool_dynamic_and_opsets():
+    xs, attrs = MAXPOOL_CASES[2]
+    for opset in (16, 18, 21):
+        check_vjp("MaxPool", {"x": distinct(xs, 2, F64)}, attrs=attrs, opset=opset, dynamic=dyn_all(4))
+        check_vjp("MaxPool", {"x": distinct(xs, 2, F64)}, attrs=attrs, opset=opset, dynamic=dyn_batch())
+
+
+def test_max_pool_storage_order():
+    check_vjp("MaxPool", {"x": distinct((2, 2, 7, 6), 3, F64)},
+              attrs={"kernel_shape": [3, 3], "strides": [2, 2], "storage_order": 1})
+
+
+def test_max_pool_old_opset_is_refused():
+    with pytest.raises(Exception, match="opset >= 16"):
+        check_vjp("MaxPool", {"x": distinct((1, 1, 4, 4), 1, F64)}, attrs={"kernel_shape": [2, 2]}, opset=13)
+
+
+AVGPOOL_CASES = [
+    ((2, 3, 9, 9), {"kernel_shape": [3, 3], "strides": [2, 2]}),
+    ((1, 2, 8, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 2]}),
+    ((1, 2, 8, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 2], "count_include_pad": 1}),
+    ((1, 2, 8, 7), {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 1, 0, 0], "ceil_mode": 1}),
+    ((1, 2, 8, 7), {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 1, 0, 0], "ceil_mode": 1,
+                    "count_include_pad": 1}),
+    ((1, 2, 7, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+    ((1, 2, 7, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER", "count_include_pad": 1}),
+    ((2, 3, 11), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),      # 1-D
+    ((1, 2, 5, 6, 7), {"kernel_shape": [3, 2, 3], "strides": [2, 2, 2], "pads": [1, 0, 1, 1, 0, 0],
+                       "count_include_pad": 1}),                                              # 3-D
+]
+
+
+@pytest.mark.parametrize("xs,attrs", AVGPOOL_CASES)
+def test_average_pool(xs, attrs):
+    check_vjp("AveragePool", {"x": rand(xs, 1)}, attrs=attrs, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [1, 3, 4, 6, 7, 8])
+def test_average_pool_dynamic(case):
+    xs, attrs = AVGPOOL_CASES[case]
+    check_vjp("AveragePool", {"x": rand(xs, 1)}, attrs=attrs, rtol=1e-4, dynamic=dyn_all(len(xs)))
+
+
+@pytest.mark.parametrize("opset,xs,attrs", [
+    (11, *AVGPOOL_CASES[2]), (13, *AVGPOOL_CASES[4]),
+    # dilations for AveragePool exist from opset 19
+    (19, (1, 2, 10, 9), {"kernel_shape": [2, 3], "dilations": [2, 2], "strides": [1, 2], "pads": [1, 1, 1, 1]}),
+    (19, (1, 2, 10, 9), {"kernel_shape": [2, 3], "dilations": [2, 2], "strides": [2, 2], "pads": [1, 0, 1, 1],
+                         "ceil_mode": 1, "count_include_pad": 1}),
+])
+def test_average_pool_opsets(opset, xs, attrs):
+    check_vjp("AveragePool", {"x": rand(xs, 1)}, attrs=attrs, rtol=1e-4, opset=opset)
+    check_vjp("AveragePool", {"x": rand(xs, 1)}, attrs=attrs, rtol=1e-4, opset=opset, dynamic=dyn_batch())
+
+
+@pytest.mark.parametrize("xs", [(2, 3, 5, 4), (1, 2, 7), (1, 2, 3, 4, 2)])
+@pytest.mark.parametrize("dyn", [False, True])
+def test_global_average_pool(xs, dyn):
+    # onnxruntime's CPU GlobalAveragePool/GlobalMaxPool are float32 only
+    check_vjp("GlobalAveragePool", {"x": rand(xs, 1)}, rtol=1e-4, dynamic=dyn_all(len(xs)) if dyn else None)
+
+
+@pytest.mark.parametrize("xs", [(2, 3, 5, 4), (1, 2, 7), (1, 2, 3, 4, 2)])
+@pytest.mark.parametrize("dyn", [False, True])
+def test_global_max_pool(xs, dyn):
+    check_vjp("GlobalMaxPool", {"x": distinct(xs, 1)}, rtol=1e-4, dynamic=dyn_all(len(xs)) if dyn else None)

@@ -191,11 +191,12 @@ def _conv_transpose_pads(ctx: Context, x: str, y: str, kernel, strides, dilation
         raise ValueError("ConvTranspose with auto_pad/output_shape needs static spatial sizes and kernel shape")
     total = [max(0, s * (i - 1) + p + d * (k - 1) + 1 - o)
              for i, o, s, p, d, k in zip(xin, yout, strides, opad, dilations, kernel)]
-    # onnxruntime: SAME_UPPER puts the odd pad at the beginning, everything else at the end.
+    # As the spec says and onnxruntime 1.32 does (checked by probing): SAME_UPPER puts the odd pad at the
+    # end; SAME_LOWER and NOTSET/VALID with output_shape put it at the beginning.
     if mode == "SAME_UPPER":
-        begin = [t - t // 2 for t in total]
-    else:
         begin = [t // 2 for t in total]
+    else:
+        begin = [t - t // 2 for t in total]
     return begin, [t - b for t, b in zip(total, begin)]
 
 
