@@ -196,7 +196,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         else:
             hi = 65535.0 if a.size and a.max() > 255 else 255.0
         a = np.clip(np.nan_to_num(a) / hi * 255.0, 0, 255)
-        return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.round(a).astype(np.uint8)).convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -1,0 +1,199 @@
+"""Heat-map rendering (pure numpy + PIL, no matplotlib).
+
+* :func:`jet` maps values in [0, 1] to the classic piecewise-linear "jet"
+  colours (same control points as matplotlib's ``jet``): 0 is dark blue
+  ``(0, 0, 128)``, 0.5 is near green/cyan, 1 is dark red ``(128, 0, 0)``.
+* :func:`overlay` stretches a heat map (computed at the model's input
+  resolution, from an image that was squashed to it) back onto the original
+  image and blends the jet colours over it.
+* :func:`panel` puts several images side by side with titles.
+* :func:`save_png` writes an image, turning file-system problems into a
+  one-line :class:`~onnxcam.errors.OnnxcamError`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from onnxcam.errors import OnnxcamError
+
+__all__ = ["jet", "overlay", "panel", "save_png"]
+
+# matplotlib's _jet_data: (x, value) control points per channel.
+_JET = {
+    "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+}
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """Jet colours for ``values`` (any shape, normally HxW) in [0, 1].
+
+    Values are clipped to [0, 1]; NaN counts as 0. Returns uint8 of shape
+    ``values.shape + (3,)``.
+    """
+    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    v = np.clip(v, 0.0, 1.0)
+    out = np.empty(v.shape + (3,), dtype=np.uint8)
+    for i, ch in enumerate(("red", "green", "blue")):
+        xs, ys = zip(*_JET[ch])
+        out[..., i] = np.round(np.interp(v, xs, ys) * 255.0).astype(np.uint8)
+    return out
+
+
+def _heatmap_array(heatmap: np.ndarray) -> np.ndarray:
+    h = np.asarray(heatmap, dtype=np.float32)
+    while h.ndim > 2 and h.shape[0] == 1:  # (1, H, W), (1, 1, H, W)
+        h = h[0]
+    while h.ndim > 2 and h.shape[-1] == 1:  # (H, W, 1)
+        h = h[..., 0]
+    if h.ndim != 2 or h.size == 0:
+        raise OnnxcamError(f"heat map must be a 2-D array (height, width); got shape {tuple(np.shape(heatmap))}")
+    return np.clip(np.nan_to_num(h, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+
+
+def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend the jet-coloured ``heatmap`` (HxW, values in [0, 1]) over ``image``.
+
+    The heat map is resized bilinearly to the image's own size (it was
+    computed on the image squashed to the model's input size, so stretching
+    it back is exact). ``alpha`` is the weight of the colours: 0 gives the
+    photo, 1 the colour map. Returns a new RGB image of ``image.size``.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise OnnxcamError(f"overlay alpha must be between 0 and 1; got {alpha}")
+    h = _heatmap_array(heatmap)
+    rgb = image.convert("RGB") if image.mode != "RGB" else image
+    w_img, h_img = rgb.size
+    if h.shape != (h_img, w_img):
+        h = np.asarray(Image.fromarray(h).resize((w_img, h_img), Image.BILINEAR))
+        h = np.clip(h, 0.0, 1.0)
+    colours = jet(h).astype(np.float32)
+    photo = np.asarray(rgb, dtype=np.float32)
+    out = (1.0 - float(alpha)) * photo + float(alpha) * colours
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: bitmap font only
+        return ImageFont.load_default()
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
+    return draw.textlength(text, font=font)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    if _text_width(draw, text, font) <= width:
+        return text
+    ell = "..."
+    lo, hi = 0, len(text)
+    while lo < hi:  # longest prefix that fits with the ellipsis
+        mid = (lo + hi + 1) // 2
+        if _text_width(draw, text[:mid] + ell, font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + ell if lo > 0 else ""
+
+
+def panel(
+    images: Sequence[Image.Image],
+    titles: Sequence[str],
+    *,
+    gap: int = 6,
+    font_size: int = 14,
+) -> Image.Image:
+    """Lay ``images`` out side by side at a common height with a title strip
+    above each. The common height is the smallest image height (images are
+    only ever scaled down, keeping their aspect ratio)."""
+    images = list(images)
+    titles = [str(t) for t in titles]
+    if not images:
+        raise OnnxcamError("panel needs at least one image")
+    if len(titles) != len(images):
+        raise OnnxcamError(f"panel got {len(images)} images but {len(titles)} titles")
+    height = min(im.height for im in images)
+    tiles = []
+    for im in images:
+        im = im.convert("RGB") if im.mode != "RGB" else im
+        if im.height != height:
+            width = max(1, round(im.width * height / im.height))
+            im = im.resize((width, height), Image.BILINEAR)
+        tiles.append(im)
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    try:
+        bbox = probe.textbbox((0, 0), "Ag", font=font)
+        line_h = bbox[3] - bbox[1]
+    except Exception:
+        line_h = font_size
+    pad = 4
+    strip = line_h + 2 * pad + 2
+    total_w = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    canvas = Image.new("RGB", (total_w, height + strip), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for tile, title in zip(tiles, titles):
+        canvas.paste(tile, (x, strip))
+        text = _fit_text(draw, title, font, tile.width - 2 * pad)
+        try:
+            draw.text((x + pad, pad), text, fill=(0, 0, 0), font=font)
+        except UnicodeEncodeError:  # bitmap fallback font is latin-1 only
+            safe = text.encode("latin-1", "replace").decode("latin-1")
+            draw.text((x + pad, pad), safe, fill=(0, 0, 0), font=font)
+        x += tile.width + gap
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
+    """Write ``image`` to ``path`` as PNG (JPEG if the name ends in .jpg or
+    .jpeg). The file is written to a temporary name first and moved into
+    place, so a failure never leaves a half-written file. File-system
+    problems raise :class:`OnnxcamError` with a one-line message."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise OnnxcamError(f"cannot write {p}: it is a directory")
+    if not parent.exists():
+        raise OnnxcamError(f"cannot write {p}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OnnxcamError(f"cannot write {p}: {parent} is not a directory")
+    fmt = "JPEG" if p.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    img = image.convert("RGB") if fmt == "JPEG" and image.mode != "RGB" else image
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + p.name + ".", suffix=".tmp", dir=parent)
+        with os.fdopen(fd, "wb") as fh:
+            if fmt == "JPEG":
+                img.save(fh, format=fmt, quality=95)
+            else:
+                img.save(fh, format=fmt)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, p)
+        tmp = None
+    except PermissionError:
+        raise OnnxcamError(f"cannot write {p}: permission denied") from None
+    except OSError as exc:
+        raise OnnxcamError(f"cannot write {p}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
