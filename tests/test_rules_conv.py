@@ -196,3 +196,135 @@ def test_global_average_pool(xs, dyn):
 @pytest.mark.parametrize("dyn", [False, True])
 def test_global_max_pool(xs, dyn):
     check_vjp("GlobalMaxPool", {"x": distinct(xs, 1)}, rtol=1e-4, dynamic=dyn_all(len(xs)) if dyn else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+def bn_inputs(xs, dtype=F64):
+    c = xs[1]
+    rng = np.random.default_rng(5)
+    return {"x": rand(xs, 1, dtype), "scale": rng.standard_normal(c).astype(dtype),
+            "b": rng.standard_normal(c).astype(dtype), "mean": rng.standard_normal(c).astype(dtype),
+            "var": rng.uniform(0.5, 2.0, c).astype(dtype)}
+
+
+@pytest.mark.parametrize("xs", [(4, 3), (2, 3, 5), (2, 3, 4, 5), (1, 2, 3, 4, 3)])
+@pytest.mark.parametrize("opset", [9, 15])
+def test_batch_normalization(xs, opset):
+    check_vjp("BatchNormalization", bn_inputs(xs), wrt=["x"], attrs={"epsilon": 1e-3}, opset=opset)
+
+
+def test_batch_normalization_dynamic_and_float32():
+    check_vjp("BatchNormalization", bn_inputs((2, 3, 4, 5)), wrt=["x"], dynamic=dyn_all(4))
+    check_vjp("BatchNormalization", bn_inputs((2, 3, 4, 5), F32), wrt=["x"], dynamic=dyn_batch())
+
+
+def test_batch_normalization_training_mode_is_refused():
+    with pytest.raises(Exception, match="training mode"):
+        check_vjp("BatchNormalization", bn_inputs((4, 3, 2)), wrt=["x"], attrs={"training_mode": 1},
+                  n_outputs=3, opset=15)
+
+
+def ln_inputs(xs, axis, dtype=F64, bias=True):
+    norm_shape = xs[axis:]
+    rng = np.random.default_rng(6)
+    out = {"x": rand(xs, 1, dtype) * 2 + 0.5, "scale": rng.standard_normal(norm_shape).astype(dtype)}
+    if bias:
+        out["b"] = rng.standard_normal(norm_shape).astype(dtype)
+    return out
+
+
+@pytest.mark.parametrize("xs,axis", [((3, 7), -1), ((2, 5, 6), -1), ((2, 3, 4, 5), 1), ((2, 3, 4, 5), -2),
+                                     ((2, 3, 4), 0)])
+def test_layer_normalization(xs, axis):
+    check_vjp("LayerNormalization", ln_inputs(xs, axis), wrt=["x"], attrs={"axis": axis, "epsilon": 1e-3})
+
+
+@pytest.mark.parametrize("output", [0, 1, 2])
+def test_layer_normalization_statistics_outputs(output):
+    """Mean / InvStdDev present as outputs; also the gradient flowing in through each of them."""
+    # The statistics are float32 (stash_type=1) even for double X: float32 throughout here.
+    inputs = ln_inputs((2, 3, 6), -1, F32)
+    check_vjp("LayerNormalization", inputs, wrt=["x"], n_outputs=3, output=output, eps=1e-3, rtol=5e-3)
+
+
+def test_layer_normalization_dynamic_no_bias_float32():
+    inputs = ln_inputs((2, 5, 6), -1, F32, bias=False)
+    check_vjp("LayerNormalization", inputs, wrt=["x"], dynamic={"x": {0: "N", 1: "T"}}, rtol=5e-3)
+    inputs = ln_inputs((2, 5, 6), -1, bias=False)
+    check_vjp("LayerNormalization", inputs, wrt=["x"], dynamic={"x": {0: "N", 1: "T"}}, opset=18)
+
+
+@pytest.mark.parametrize("xs", [(2, 3, 7), (2, 3, 4, 5), (1, 2, 3, 4, 3)])
+def test_instance_normalization(xs):
+    inputs = bn_inputs(xs, F32)  # onnxruntime's CPU InstanceNormalization is float32 only
+    inputs = {"x": inputs["x"], "scale": inputs["scale"], "b": inputs["b"]}
+    check_vjp("InstanceNormalization", inputs, wrt=["x"], attrs={"epsilon": 1e-3}, eps=1e-3, rtol=5e-3)
+    check_vjp("InstanceNormalization", inputs, wrt=["x"], opset=13, dynamic=dyn_all(len(xs)), eps=1e-3, rtol=5e-3)
+
+
+@pytest.fixture
+def typed_function_outputs(monkeypatch):
+    """onnx shape inference leaves the output of function ops such as GroupNormalization untyped, which
+    makes the forward model unloadable; give such outputs the type of the node's first input."""
+    import tests.adjoint as adjoint
+
+    original = adjoint.infer_shapes
+
+    def infer(model):
+        model = original(model)
+        types = {vi.name: vi.type for vi in list(model.graph.input) + list(model.graph.value_info)}
+        for node in model.graph.node:
+            for out in node.output:
+                if out and out not in types and node.input[0] in types:
+                    model.graph.value_info.add(name=out).type.CopyFrom(types[node.input[0]])
+        return model
+
+    monkeypatch.setattr(adjoint, "infer_shapes", infer)
+
+
+@pytest.mark.usefixtures("typed_function_outputs")
+@pytest.mark.parametrize("xs,groups", [((2, 6, 4, 3), 3), ((2, 4, 5), 2), ((1, 6, 2, 3, 2), 6), ((1, 4, 3, 3), 1)])
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization(xs, groups, opset, monkeypatch):
+    if opset < 21:
+        # onnx 1.23's checker rejects GroupNormalization-18 as deprecated; onnxruntime still runs it.
+        import tests.adjoint as adjoint
+        monkeypatch.setattr(adjoint.onnx.checker, "check_model", lambda *a, **k: None)
+    rng = np.random.default_rng(7)
+    n_scale = xs[1] if opset >= 21 else groups
+    inputs = {"x": rand(xs, 1, F32), "scale": rng.standard_normal(n_scale).astype(F32),
+              "b": rng.standard_normal(n_scale).astype(F32)}
+    check_vjp("GroupNormalization", inputs, wrt=["x"], attrs={"num_groups": groups, "epsilon": 1e-3},
+              opset=opset, eps=1e-3, rtol=5e-3)
+    check_vjp("GroupNormalization", inputs, wrt=["x"], attrs={"num_groups": groups, "epsilon": 1e-3},
+              opset=opset, eps=1e-3, rtol=5e-3, dynamic=dyn_all(len(xs)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The harness itself
+# --------------------------------------------------------------------------------------------------
+def test_harness_catches_a_wrong_rule(monkeypatch):
+    """A Conv rule that forgets the stride geometry (ConvTranspose without pads/output_padding, resized
+    by a Slice) must be caught, as must one that is only off by a constant factor."""
+    from onnxcam.rules import conv as conv_rules
+
+    def wrong_conv(ctx, gy):
+        return [ctx.op("Mul", [conv_rules.conv(ctx, gy)[0], ctx.scalar(1.01, ctx.input(0))]), None]
+
+    monkeypatch.setitem(registry.RULES, ("", "Conv"), wrong_conv)
+    inputs = {"x": rand((1, 3, 9, 8), 1), "w": rand((4, 3, 3, 3), 2)}
+    with pytest.raises(AssertionError):
+        check_vjp("Conv", inputs, wrt=["x"], attrs={"strides": [2, 2], "pads": [1, 0, 0, 1]}, rtol=1e-4)
+
+    def shifted_max_pool(ctx, gy):  # gradient to the window's neighbour: right shape, wrong place
+        g = conv_rules.max_pool(ctx, gy)[0]
+        return [ctx.op("Concat", [ctx.op("Slice", [g, ctx.emit.ints([1]), ctx.emit.ints([2**62]),
+                                                   ctx.emit.ints([3])]),
+                                  ctx.op("Slice", [g, ctx.emit.ints([0]), ctx.emit.ints([1]),
+                                                   ctx.emit.ints([3])])], axis=3)]
+
+    monkeypatch.setitem(registry.RULES, ("", "MaxPool"), shifted_max_pool)
+    with pytest.raises(AssertionError):
+        check_vjp("MaxPool", {"x": distinct((1, 2, 8, 8), 1, F64)}, attrs={"kernel_shape": [3, 3], "strides": [2, 2]})

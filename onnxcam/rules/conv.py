@@ -421,7 +421,8 @@ def _normalised_grad(ctx: Context, x: str, gs: str, axes: Sequence[int], eps: fl
     mgx = emit.reduce("ReduceMean", ctx.op("Mul", [gs, xhat]), axes, keepdims=1)
     inner = ctx.op("Sub", [ctx.op("Sub", [gs, mg]), ctx.op("Mul", [xhat, mgx])])
     if g_invstd is not None:
-        inner = ctx.op("Sub", [inner, ctx.op("Mul", [xhat, ctx.op("Mul", [g_invstd, invstd])])])
+        scaled = ctx.op("Div", [ctx.op("Mul", [g_invstd, invstd]), _count_over(ctx, x, axes)])
+        inner = ctx.op("Sub", [inner, ctx.op("Mul", [xhat, scaled])])
     gx = ctx.op("Mul", [inner, invstd])
     if g_mean is not None:
         gx = ctx.op("Add", [gx, ctx.op("Div", [g_mean, _count_over(ctx, x, axes)])])
@@ -439,8 +440,10 @@ def layer_normalization(ctx: Context, gy):
     axis = axis + rank if axis < 0 else axis
     axes = list(range(axis, rank))
     eps = float(ctx.attr("epsilon", 1e-5))
-    g_mean = gy[1] if len(gy) > 1 else None
-    g_invstd = gy[2] if len(gy) > 2 else None
+    # Mean / InvStdDev are of the stash type (float by default) even for double X.
+    elem = ctx.view.elem_type(x)
+    g_mean, g_invstd = [ctx.op("Cast", [g], to=elem) if g is not None else None
+                        for g in (list(gy[1:3]) + [None, None])[:2]]
     if gy[0] is not None:
         gs = ctx.op("Mul", [gy[0], scale])
     else:
