@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import build, rewrite
+from . import build, preprocess, rewrite
 from .errors import OnnxcamError
 from .graph import ModelLike, ModelView, infer_shapes, load_model
 from .runtime import first_line, make_session
@@ -50,6 +50,24 @@ class Explainer:
         self.model = build.build_explain_graph(inferred, spec)
         self.session = make_session(self.model, providers)
         self.num_classes = _static_classes(view, self.score)
+        self.metadata = preprocess.model_metadata(source)
+        self.labels: list[str] | None = self.metadata.get("labels")
+
+    def preprocessing(self, **overrides) -> preprocess.Preprocess:
+        """How images become this model's input: overrides (preset, mean, std, size, layout) > model
+        metadata > the input's static shape > ImageNet defaults."""
+        return preprocess.resolve_preprocess(self.input_shapes[self.image_input], metadata=self.metadata,
+                                             **{k: v for k, v in overrides.items() if v is not None})
+
+    def explain_image(self, image, targets=None, counterfactual: bool = False,
+                      pp: preprocess.Preprocess | None = None, **overrides) -> Explanation:
+        """Loads (path or PIL image) and preprocesses one image, then explains it; `.extras["image"]`
+        holds the decoded RGB image for overlays."""
+        pil = preprocess.load_image(image)
+        pp = pp or self.preprocessing(**overrides)
+        result = self.explain(preprocess.to_tensor(pil, pp), targets, counterfactual=counterfactual)
+        result.extras["image"] = pil
+        return result
 
     def explain(self, inputs: np.ndarray | Mapping[str, np.ndarray], targets=None,
                 counterfactual: bool = False) -> Explanation:

@@ -1,0 +1,241 @@
+"""Command line: `onnxcam explain`, `onnxcam layers`, `onnxcam ops`.
+
+Every user-facing failure is an OnnxcamError printed as one line with exit status 2; nothing the user
+gave (model, images) is ever written to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import preprocess, render
+from .errors import OnnxcamError
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    raise OnnxcamError(message)
+
+
+def _parse_floats(text: str | None, name: str):
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise OnnxcamError(f"--{name} takes numbers separated by commas, got '{text}'") from None
+    if not values:
+        raise OnnxcamError(f"--{name} is empty")
+    return values
+
+
+def _parse_size(text: str | None):
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        nums = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise OnnxcamError(f"--size takes N or HxW, got '{text}'") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2 or min(nums) <= 0:
+        raise OnnxcamError(f"--size takes N or HxW with positive numbers, got '{text}'")
+    return tuple(nums)
+
+
+def _resolve_target(text: str | None, labels: list[str] | None, num_classes: int | None):
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        if not labels:
+            raise OnnxcamError(f"--target '{text}' is not a class index and the model has no labels") from None
+        matches = [i for i, name in enumerate(labels) if name.lower() == text.lower()]
+        if not matches:
+            raise OnnxcamError(f"--target '{text}' matches no class label") from None
+        value = matches[0]
+    if num_classes is not None and not 0 <= value < num_classes:
+        raise OnnxcamError(f"--target {value} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
+    if value < 0:
+        raise OnnxcamError(f"--target {value} is out of range")
+    return value
+
+
+def _output_paths(images: list[str], out: str | None, suffix: str) -> list[Path]:
+    """One PNG per image: OUT itself when it names a .png/.jpg and there is one image, else files in OUT/."""
+    if out is not None and len(images) == 1 and Path(out).suffix.lower() in (".png", ".jpg", ".jpeg"):
+        paths = [Path(out)]
+    else:
+        folder = Path(out) if out is not None else Path("onnxcam-out")
+        if folder.exists() and not folder.is_dir():
+            raise OnnxcamError(f"output {folder} exists and is not a directory")
+        if not folder.exists():
+            try:
+                folder.mkdir(parents=True)
+            except OSError as exc:
+                raise OnnxcamError(f"cannot create output directory {folder}: {exc.strerror or exc}") from None
+        stems: dict[str, int] = {}
+        paths = []
+        for img in images:
+            stem = Path(img).stem
+            stems[stem] = stems.get(stem, 0) + 1
+            tag = "" if stems[stem] == 1 else f"_{stems[stem]}"
+            paths.append(folder / f"{stem}{tag}_{suffix}.png")
+    inputs = {os.path.realpath(p) for p in images}
+    for p in paths:
+        if os.path.realpath(p) in inputs:
+            raise OnnxcamError(f"output {p} would overwrite an input image")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise OnnxcamError(f"cannot write {p}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise OnnxcamError(f"cannot write {p}: permission denied")
+    return paths
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxcam")
+def cli() -> None:
+    """Grad-CAM visual explanations for any ONNX model."""
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out", help="Output PNG (one image) or directory [default: onnxcam-out/].")
+@click.option("--layer", help="ONNX tensor to explain (default: the last spatial feature map; see `onnxcam layers`).")
+@click.option("--target", help="Class index or label to explain (default: the top-scoring class).")
+@click.option("--method", default="gradcam", show_default=True, help="CAM method.")
+@click.option("--counterfactual", is_flag=True, help="Negated gradients: regions that argue against the class.")
+@click.option("--output-name", "output_name", help="Model output to explain (default: the first).")
+@click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
+@click.option("--mean", help="Per-channel mean on the preset's scale, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Input layout.")
+@click.option("--labels", "labels_file", type=click.Path(), help="Class names: one per line, or a JSON list.")
+@click.option("--panel", is_flag=True, help="Write original | overlay side by side instead of the overlay alone.")
+@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
+@click.option("--top", default=5, show_default=True, type=click.IntRange(1, None), help="Classes to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def explain(model, images, out, layer, target, method, counterfactual, output_name, preset, mean, std, size,
+            layout, labels_file, panel, alpha, top, as_json):
+    """Write a Grad-CAM overlay PNG for each IMAGE and print the top classes."""
+    from .explainer import Explainer
+
+    for img in images:
+        if not os.path.exists(img):
+            _fail(f"image not found: {img}")
+    overrides = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
+                     size=_parse_size(size), layout=layout.upper() if layout else None)
+    suffix = ("counterfactual" if counterfactual else method.replace("+", "p")) + ("_panel" if panel else "")
+    paths = _output_paths(list(images), out, suffix)
+    explainer = Explainer(model, layer=layer, method=method, output=output_name)
+    labels = preprocess.labels_from_file(labels_file) if labels_file else explainer.labels
+    k = explainer.num_classes
+    if labels is not None and k is not None and len(labels) != k:
+        _fail(f"{len(labels)} labels given for a score with {k} classes")
+    target_index = _resolve_target(target, labels, k)
+    pp = explainer.preprocessing(**overrides)
+    pils = [preprocess.load_image(img) for img in images]
+    batch = np.concatenate([preprocess.to_tensor(p, pp) for p in pils])
+    result = explainer.explain(batch, target_index, counterfactual=counterfactual)
+
+    name = (lambda i: labels[i] if labels is not None and i < len(labels) else str(i))
+    records = []
+    for i, (img, pil, path) in enumerate(zip(images, pils, paths)):
+        picture = render.overlay(pil, result.heatmaps[i], alpha=alpha)
+        t = int(result.targets[i])
+        if panel:
+            title = f"{'counterfactual' if counterfactual else method}: {name(t)}"
+            picture = render.panel([pil, picture], [Path(img).name, title])
+        render.save_png(picture, path)
+        scores = result.scores[i]
+        probs = _softmax(scores.astype(np.float64))
+        order = np.argsort(-scores)[:top]
+        records.append({
+            "image": img, "output": str(path), "layer": explainer.layer, "method": method,
+            "counterfactual": counterfactual, "target": t, "target_label": name(t),
+            "top": [{"class": int(c), "label": name(int(c)), "score": float(scores[c]),
+                     "probability": float(probs[c])} for c in order],
+        })
+    if as_json:
+        click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
+        return
+    for rec in records:
+        click.echo(f"{rec['image']}: explained class {rec['target']} ({rec['target_label']}) at layer "
+                   f"{rec['layer']} -> {rec['output']}")
+        for rank, entry in enumerate(rec["top"], 1):
+            click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
+                       f"p={entry['probability']:.4f}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--output-name", "output_name", help="Model output to explain (default: the first).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def layers(model, output_name, as_json):
+    """List the feature maps Grad-CAM can use; '*' marks the default."""
+    from . import rewrite
+    from .graph import ModelView, infer_shapes, load_model
+
+    view = ModelView(infer_shapes(load_model(model)))
+    image = rewrite.image_input(view)
+    score = rewrite.find_score(view, output_name)
+    cands = rewrite.layer_candidates(view, image, score)
+    if as_json:
+        click.echo(json.dumps([{"name": c.name, "op": c.op, "shape": list(c.shape), "spatial": list(c.spatial),
+                                "default": c.default} for c in cands], indent=2))
+        return
+    click.echo(f"input: {image}   score: {score}")
+    fmt = lambda dims: "x".join("?" if d is None else str(d) for d in dims)  # noqa: E731
+    for c in cands:
+        click.echo(f"{'*' if c.default else ' '} {c.name}  {c.op}  {fmt(c.shape)}  spatial {fmt(c.spatial)}")
+
+
+@cli.command()
+def ops():
+    """List the ONNX ops that have a gradient rule."""
+    from .rules import supported_ops
+
+    for op in supported_ops():
+        click.echo(op)
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, prog_name="onnxcam", standalone_mode=False)
+    except OnnxcamError as exc:
+        click.echo(f"onnxcam: error: {exc}", err=True)
+        return EXIT_USAGE
+    except click.exceptions.Abort:
+        click.echo("onnxcam: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("onnxcam: interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line, but say so
+        text = str(exc).strip().splitlines()
+        click.echo(f"onnxcam: internal error: {type(exc).__name__}: {text[0] if text else ''}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
