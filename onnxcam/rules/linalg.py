@@ -1,7 +1,10 @@
-"""Rules for matrix products and reductions."""
+"""Rules for matrix products, reductions and softmax."""
 from __future__ import annotations
 
-from .registry import Context, register
+import numpy as np
+
+from .registry import Context, _unbroadcast_dynamic, register
+from .shape import const_ints, no_grads, norm_axis, static_dim
 
 
 @register("Gemm")
@@ -23,3 +26,177 @@ def gemm(ctx: Context, gy):
         gc = ctx.unbroadcast(g, ctx.input(2))
         out[2] = ctx.op("Mul", [gc, ctx.scalar(beta, g)]) if beta != 1.0 else gc
     return out
+
+
+# --- MatMul ----------------------------------------------------------------------------------------
+
+def _batch_sum_axes(mine: list, other: list) -> list[int] | None:
+    """Axes of the broadcast batch to sum for the operand with batch dims `mine`; None if unknowable."""
+    n = max(len(mine), len(other))
+    lead = n - len(mine)
+    axes = list(range(lead))
+    for i, d in enumerate(mine):
+        j = i + lead - (n - len(other))   # index into `other`, negative when absent
+        o = other[j] if j >= 0 else None
+        if d == 1:
+            axes.append(lead + i)          # harmless when the result dim is 1 too
+        elif isinstance(d, int):
+            continue
+        elif j < 0 or o == 1 or o == d:
+            continue
+        else:
+            return None                    # symbolic dim that may be 1 while the other is not
+    return axes
+
+
+def _matmul_operand_grad(ctx: Context, g: str, operand: str, expanded: str, mine, other) -> str:
+    """Sums the product-shaped gradient `g` over broadcast batch axes, then reshapes to `operand`."""
+    emit = ctx.emit
+    if mine is None or other is None:
+        axes = None
+    else:
+        axes = _batch_sum_axes(mine[:-2], other[:-2])
+    if axes is None:
+        g = _unbroadcast_dynamic(ctx, g, expanded)
+    elif axes:
+        g = emit.reduce("ReduceSum", g, axes, keepdims=1)
+    return ctx.op("Reshape", [g, emit.shape_of(operand)])
+
+
+@register("MatMul")
+def matmul(ctx: Context, gy):
+    a, b = ctx.input(0), ctx.input(1)
+    ra, rb = ctx.rank(a), ctx.rank(b)
+    g = gy[0]
+    out = no_grads(ctx)
+    emit = ctx.emit
+    if ra == 1 and rb == 1:
+        if ctx.needs[0]:
+            out[0] = ctx.op("Mul", [g, b])
+        if ctx.needs[1]:
+            out[1] = ctx.op("Mul", [g, a])
+        return out
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    # Promote 1-D operands as numpy does: a (k) -> (1, k), b (k) -> (k, 1); the gradient gets the axis too.
+    if ra == 1:
+        a_e, a_t = emit.unsqueeze(a, [0]), emit.unsqueeze(a, [1])
+        g = emit.unsqueeze(g, [rb - 2])
+        sa = None if sa is None else [1] + list(sa)
+        ra = 2
+    else:
+        a_e = a
+        a_t = ctx.op("Transpose", [a], perm=list(range(ra - 2)) + [ra - 1, ra - 2]) if ctx.needs[1] else None
+    if rb == 1:
+        b_e, b_t = emit.unsqueeze(b, [1]), emit.unsqueeze(b, [0])
+        g = emit.unsqueeze(g, [ra - 1])
+        sb = None if sb is None else list(sb) + [1]
+        rb = 2
+    else:
+        b_e = b
+        b_t = ctx.op("Transpose", [b], perm=list(range(rb - 2)) + [rb - 1, rb - 2]) if ctx.needs[0] else None
+    if ctx.needs[0]:
+        out[0] = _matmul_operand_grad(ctx, ctx.op("MatMul", [g, b_t]), a, a_e, sa, sb)
+    if ctx.needs[1]:
+        out[1] = _matmul_operand_grad(ctx, ctx.op("MatMul", [a_t, g]), b, b_e, sb, sa)
+    return out
+
+
+# --- reductions ------------------------------------------------------------------------------------
+
+def _reduced_axes(ctx: Context, rank: int) -> list[int]:
+    """Normalized, sorted axes the node reduces ([] for a no-op reduction, all axes by default)."""
+    op = ctx.node.op_type
+    axes_as_input = ctx.opset >= 18 or (op == "ReduceSum" and ctx.opset >= 13)
+    if axes_as_input:
+        name = ctx.input(1)
+        axes = const_ints(ctx, name) if name else []
+        if name and axes is None:
+            raise ValueError("reduction with non-constant axes")
+        if not axes:
+            return [] if int(ctx.attr("noop_with_empty_axes", 0)) else list(range(rank))
+    else:
+        axes = ctx.attr("axes")
+        if axes is None:
+            return list(range(rank))
+    return sorted({norm_axis(a, rank) for a in axes})
+
+
+def _keep(ctx: Context, t: str, axes: list[int], rank: int) -> str:
+    """`t` (the reduction's output or its gradient) with reduced axes restored as size 1."""
+    if not axes or int(ctx.attr("keepdims", 1)):
+        return t
+    return ctx.emit.unsqueeze(t, axes)
+
+
+@register("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
+          "ReduceLogSumExp", "ReduceMax", "ReduceMin")
+def reduce(ctx: Context, gy):
+    op = ctx.node.op_type
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    axes = _reduced_axes(ctx, rank)
+    emit = ctx.emit
+    out = no_grads(ctx)
+    g = _keep(ctx, gy[0], axes, rank)
+    if op in ("ReduceSum", "ReduceMean"):
+        gx = ctx.op("Expand", [g, emit.shape_of(x)])
+        if op == "ReduceMean" and axes:
+            dims = [static_dim(ctx, x, a) for a in axes]
+            if all(d is not None for d in dims):
+                count = ctx.scalar(float(np.prod(dims)), x)
+            else:
+                ratio = ctx.op("Div", [ctx.op("Size", [x]), ctx.op("Size", [y])])
+                count = ctx.op("CastLike", [ratio, x]) if ctx.opset >= 15 else ctx.op(
+                    "Cast", [ratio], to=ctx.view.elem_type(x))
+            gx = ctx.op("Div", [gx, count])
+    elif op == "ReduceSumSquare":
+        gx = ctx.op("Mul", [ctx.op("Mul", [g, ctx.scalar(2.0, x)]), x])
+    elif op == "ReduceL1":
+        gx = ctx.op("Mul", [g, ctx.op("Sign", [x])])
+    elif op == "ReduceL2":
+        yk = _keep(ctx, y, axes, rank)
+        zero = ctx.scalar(0.0, x)
+        # d||x|| = x / ||x||; 0 where the norm is 0 (as PyTorch does).
+        ratio = ctx.op("Where", [ctx.op("Equal", [yk, zero]), zero, ctx.op("Div", [g, yk])])
+        gx = ctx.op("Mul", [ratio, x])
+    elif op == "ReduceLogSum":
+        yk = _keep(ctx, y, axes, rank)
+        gx = ctx.op("Expand", [ctx.op("Mul", [g, ctx.op("Exp", [ctx.op("Neg", [yk])])]), emit.shape_of(x)])
+    elif op == "ReduceLogSumExp":
+        yk = _keep(ctx, y, axes, rank)
+        gx = ctx.op("Mul", [g, ctx.op("Exp", [ctx.op("Sub", [x, yk])])])
+    else:  # ReduceMax / ReduceMin: the gradient is shared equally by the tied extreme elements.
+        yk = _keep(ctx, y, axes, rank)
+        mask = ctx.op("Cast", [ctx.op("Equal", [x, yk])], to=ctx.view.elem_type(x))
+        if axes:
+            g = ctx.op("Div", [g, emit.reduce("ReduceSum", mask, axes, keepdims=1)])
+        gx = ctx.op("Mul", [mask, g])
+    out[0] = gx
+    return out
+
+
+# --- softmax ---------------------------------------------------------------------------------------
+
+def _softmax_axes(ctx: Context, rank: int) -> list[int]:
+    if ctx.opset < 13:
+        # Before opset 13 the input is coerced to 2-D at `axis`: the normalization spans axis..rank-1.
+        return list(range(norm_axis(ctx.attr("axis", 1), rank), rank))
+    return [norm_axis(ctx.attr("axis", -1), rank)]
+
+
+@register("Softmax")
+def softmax(ctx: Context, gy):
+    x, y = ctx.input(0), ctx.output(0)
+    axes = _softmax_axes(ctx, ctx.rank(x))
+    g = gy[0]
+    dot = ctx.emit.reduce("ReduceSum", ctx.op("Mul", [g, y]), axes, keepdims=1)
+    return [ctx.op("Mul", [y, ctx.op("Sub", [g, dot])])]
+
+
+@register("LogSoftmax")
+def log_softmax(ctx: Context, gy):
+    x, y = ctx.input(0), ctx.output(0)
+    axes = _softmax_axes(ctx, ctx.rank(x))
+    g = gy[0]
+    total = ctx.emit.reduce("ReduceSum", g, axes, keepdims=1)
+    return [ctx.op("Sub", [g, ctx.op("Mul", [ctx.op("Exp", [y]), total])])]
