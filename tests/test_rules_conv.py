@@ -116,10 +116,12 @@ MAXPOOL_CASES = [
     ((2, 3, 9, 9), {"kernel_shape": [3, 3], "strides": [2, 2]}),                  # overlapping (ResNet)
     ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     ((1, 2, 8, 7), {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [0, 1, 1, 0], "ceil_mode": 1}),
+    ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),         # ceil adds a window
+    ((1, 2, 8, 9), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1}),
     ((1, 2, 10, 9), {"kernel_shape": [2, 3], "dilations": [2, 2], "strides": [1, 2]}),
     ((1, 2, 7, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
     ((1, 2, 8, 8), {"kernel_shape": [2, 2], "strides": [2, 2]}),                   # non-overlapping
-    ((2, 3, 11), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),       # 1-D
+    ((2, 3, 12), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),       # 1-D
     ((1, 2, 5, 6, 7), {"kernel_shape": [3, 2, 3], "strides": [2, 2, 2], "pads": [1, 0, 1, 1, 0, 0]}),  # 3-D
 ]
 
@@ -156,7 +158,12 @@ AVGPOOL_CASES = [
                     "count_include_pad": 1}),
     ((1, 2, 7, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
     ((1, 2, 7, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_LOWER", "count_include_pad": 1}),
-    ((2, 3, 11), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),      # 1-D
+    ((2, 3, 12), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),      # 1-D
+    ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),              # ceil adds a window
+    ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1, "count_include_pad": 1}),
+    ((1, 2, 8, 9), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "ceil_mode": 1,
+                    "count_include_pad": 1}),
+    ((1, 2, 8, 9), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 0], "ceil_mode": 1}),
     ((1, 2, 5, 6, 7), {"kernel_shape": [3, 2, 3], "strides": [2, 2, 2], "pads": [1, 0, 1, 1, 0, 0],
                        "count_include_pad": 1}),                                              # 3-D
 ]
@@ -167,10 +174,46 @@ def test_average_pool(xs, attrs):
     check_vjp("AveragePool", {"x": rand(xs, 1)}, attrs=attrs, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", [1, 3, 4, 6, 7, 8])
+@pytest.mark.parametrize("case", [1, 3, 4, 5, 6, 7, 9, 10, 11])
 def test_average_pool_dynamic(case):
     xs, attrs = AVGPOOL_CASES[case]
     check_vjp("AveragePool", {"x": rand(xs, 1)}, attrs=attrs, rtol=1e-4, dynamic=dyn_all(len(xs)))
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("cip", [0, 1])
+def test_pool_ceil_window_starting_in_end_padding(op, cip):
+    """onnxruntime drops a ceil_mode window that would start in the end padding; onnx shape inference
+    keeps it (3x3 inferred, 2x2 computed here), so only symbolic spatial sizes make a runnable model."""
+    attrs = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1}
+    if op == "AveragePool":
+        attrs["count_include_pad"] = cip
+        check_vjp(op, {"x": rand((1, 2, 4, 6), 1)}, attrs=attrs, rtol=1e-4, dynamic=dyn_all(4))
+    else:
+        check_vjp(op, {"x": distinct((1, 2, 4, 6), 1, F64)}, attrs=attrs, dynamic=dyn_all(4))
+
+
+def test_average_pool_static_input_with_wrong_inferred_output(monkeypatch):
+    """Static x, but the pool's output shape as shape inference states it is wrong (see above): the rule
+    must not build its static constants from it. The output is declared symbolic to keep it runnable."""
+    import tests.adjoint as adjoint
+
+    original = adjoint.infer_shapes
+
+    def infer(model):
+        model = original(model)
+        for vi in list(model.graph.value_info) + list(model.graph.output):
+            if vi.name == "y0":
+                for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+                    if i >= 2:
+                        dim.dim_param = f"o{i}"
+        return model
+
+    monkeypatch.setattr(adjoint, "infer_shapes", infer)
+    attrs = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1], "ceil_mode": 1}
+    for cip in (0, 1):
+        check_vjp("AveragePool", {"x": rand((1, 2, 4, 6), 1)}, attrs={**attrs, "count_include_pad": cip},
+                  rtol=1e-4)
 
 
 @pytest.mark.parametrize("opset,xs,attrs", [

@@ -120,7 +120,7 @@ def _resolve_pads(ctx: Context, x: str, y: str, kernel, strides, dilations) -> t
     return begin, ctx.op("Sub", [total, begin])
 
 
-def _transpose_conv(ctx: Context, g: str, w: str, x: str, y: str, strides, dilations, group: int,
+def _transpose_conv(ctx: Context, g: str, w: str, x: str, yout: list[int] | None, strides, dilations, group: int,
                     pads_begin: IntsOrTensor, pads_end: IntsOrTensor, kernel) -> str:
     """Adjoint of Conv(x, w, strides, dilations, group, pads) applied to `g` (shaped like y): shaped like x.
 
@@ -132,7 +132,7 @@ def _transpose_conv(ctx: Context, g: str, w: str, x: str, y: str, strides, dilat
     """
     emit = ctx.emit
     n = len(strides)
-    xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
+    xin = _static_spatial(ctx, x)
     if (xin is not None and yout is not None and kernel is not None
             and isinstance(pads_begin, list) and isinstance(pads_end, list)):
         opad = [i - ((o - 1) * s - pb - pe + d * (k - 1) + 1)
@@ -172,7 +172,8 @@ def conv(ctx: Context, gy):
     kernel, strides, dilations = _geometry(ctx, n, w)
     group = int(ctx.attr("group", 1))
     pb, pe = _resolve_pads(ctx, x, y, kernel, strides, dilations)
-    result[0] = _transpose_conv(ctx, gy[0], w, x, y, strides, dilations, group, pb, pe, kernel)
+    result[0] = _transpose_conv(ctx, gy[0], w, x, _static_spatial(ctx, y), strides, dilations, group, pb, pe,
+                                kernel)
     return result
 
 
@@ -269,9 +270,10 @@ def _column_to_row_major(ctx: Context, idx: str, x: str) -> str:
     return out
 
 
-def _valid_counts(ctx: Context, x: str, y: str, kernel, strides, dilations, pads_begin: IntsOrTensor) -> str:
+def _valid_counts(ctx: Context, x: str, y: str, yout: list[int] | None, kernel, strides, dilations,
+                  pads_begin: IntsOrTensor) -> str:
     """Tensor (1, 1, out...) with the number of real (non-pad) inputs in each pooling window."""
-    xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
+    xin = _static_spatial(ctx, x)
     dtype = ctx.dtype(x)
     n = len(strides)
     if xin is not None and yout is not None and isinstance(pads_begin, list):
@@ -306,6 +308,26 @@ def _valid_counts(ctx: Context, x: str, y: str, kernel, strides, dilations, pads
     return emit.unsqueeze(ctx.op("Max", [total, ctx.scalar(1.0, x)]), [0, 1])
 
 
+def _pool_output_size(ctx: Context, x: str, kernel, strides, dilations, pads_begin, pads_end) -> list[int] | None:
+    """Spatial output size of a pool as onnxruntime (and PyTorch) compute it, or None if not static.
+
+    Not taken from shape inference: with ceil_mode, onnx 1.23's inference keeps a last window that would
+    start inside the end padding, onnxruntime drops it (e.g. in 4, kernel 2, stride 2, pads 0/1: 3 vs 2).
+    """
+    xin = _static_spatial(ctx, x)
+    if xin is None or not isinstance(pads_begin, list) or not isinstance(pads_end, list):
+        return None
+    ceil = int(ctx.attr("ceil_mode", 0)) == 1 and _auto_pad(ctx) in ("NOTSET", "")
+    out = []
+    for i, k, s, d, pb, pe in zip(xin, kernel, strides, dilations, pads_begin, pads_end):
+        num = i + pb + pe - (d * (k - 1) + 1)
+        o = (-(-num // s) if ceil else num // s) + 1
+        if ceil and (o - 1) * s >= i + pb:
+            o -= 1
+        out.append(o)
+    return out
+
+
 @register("AveragePool")
 def average_pool(ctx: Context, gy):
     """gx = S^T(gy / D): S sums each window (zero padding), D is the divisor onnxruntime used there.
@@ -331,14 +353,14 @@ def average_pool(ctx: Context, gy):
                                                                  axis=0)])
     attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
     avg_ones = ctx.op("AveragePool", [ones], **attrs)
-    factor = ctx.op("Div", [avg_ones, _valid_counts(ctx, x, y, kernel, strides, dilations, pb)])
+    yout = _pool_output_size(ctx, x, kernel, strides, dilations, pb, pe)
+    factor = ctx.op("Div", [avg_ones, _valid_counts(ctx, x, y, yout, kernel, strides, dilations, pb)])
     g = ctx.op("Mul", [gy[0], factor])
-    yout = _static_spatial(ctx, y)
     g_shape = emit.ints([-1, 1] + yout) if yout is not None else ctx.op(
         "Concat", [emit.ints([-1, 1]), _spatial_shape(ctx, y)], axis=0)
     g = ctx.op("Reshape", [g, g_shape])
     w = emit.const(np.ones([1, 1] + kernel, dtype=dtype), hint="ones_kernel")
-    gx = _transpose_conv(ctx, g, w, x, y, strides, dilations, 1, pb, pe, kernel)
+    gx = _transpose_conv(ctx, g, w, x, yout, strides, dilations, 1, pb, pe, kernel)
     return [ctx.op("Reshape", [gx, emit.shape_of(x)])]
 
 
