@@ -224,8 +224,12 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("onnxcam: aborted", err=True)
         return 130
+    except click.UsageError as exc:  # click's own multi-line usage block, folded into one line
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"onnxcam: error: {exc.format_message()}{hint}", err=True)
+        return EXIT_USAGE
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"onnxcam: error: {exc.format_message()}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("onnxcam: interrupted", err=True)

@@ -1,0 +1,177 @@
+"""The Python API on the bundled demo and on small hand-built graphs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam import Explainer, OnnxcamError, UnsupportedOpError
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
+CAT = ROOT / "models" / "cat.png"
+CAT_CUP = ROOT / "models" / "cat_and_cup.png"
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+CUP_CLASSES = (504, 967, 968)  # coffee mug, espresso, cup
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Explainer(str(MODEL))
+
+
+def test_demo_top1_is_a_cat(demo):
+    e = demo.explain_image(CAT)
+    assert int(np.argmax(e.scores[0])) in CAT_CLASSES
+    assert e.targets[0] == np.argmax(e.scores[0])
+    assert e.maps.shape == (1, 7, 7) and e.heatmaps.shape == (1, 224, 224)
+    assert e.heatmaps.min() >= 0 and e.heatmaps.max() <= 1 and e.heatmaps.max() > 0.99
+
+
+def test_demo_maps_are_class_discriminative(demo):
+    """Cat on the left half of cat_and_cup.png, cup on the right: each class's peak lands on its object."""
+    x = demo.explain_image(CAT_CUP)
+    scores = x.scores[0]
+    cat = max(CAT_CLASSES, key=lambda c: scores[c])
+    cup = max(CUP_CLASSES, key=lambda c: scores[c])
+    pp = demo.preprocessing()
+    from onnxcam.preprocess import load_image, to_tensor
+
+    batch = np.concatenate([to_tensor(load_image(CAT_CUP), pp)] * 2)
+    e = demo.explain(batch, [cat, cup])
+    w = e.heatmaps.shape[2]
+    for heat, side in zip(e.heatmaps, ("left", "right")):
+        _, col = np.unravel_index(np.argmax(heat), heat.shape)
+        assert (col < w // 2) == (side == "left"), f"peak at column {col} of {w}, expected the {side} half"
+        left, right = heat[:, : w // 2].mean(), heat[:, w // 2:].mean()
+        assert (left > 1.5 * right) if side == "left" else (right > 1.5 * left)
+
+
+def test_batch_targets_match_single_runs(demo):
+    from onnxcam.preprocess import load_image, to_tensor
+
+    pp = demo.preprocessing()
+    x = np.concatenate([to_tensor(load_image(p), pp) for p in (CAT, CAT_CUP)])
+    both = demo.explain(x, [285, 504])
+    for i, t in enumerate((285, 504)):
+        one = demo.explain(x[i:i + 1], t)
+        np.testing.assert_allclose(both.maps[i], one.maps[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(both.heatmaps[i], one.heatmaps[0], atol=1e-5)
+    default = demo.explain(x)
+    np.testing.assert_array_equal(default.targets, np.argmax(default.scores, axis=1))
+
+
+def test_counterfactual_is_grad_cam_of_the_negated_weights(demo):
+    """ReLU(sum_k -alpha_k A^k): disjoint support with Grad-CAM, and the two differ only in sign before the ReLU."""
+    from onnxcam.preprocess import load_image, to_tensor
+
+    x = to_tensor(load_image(CAT_CUP), demo.preprocessing())
+    pos = demo.explain(x, 285).maps
+    neg = demo.explain(x, 285, counterfactual=True).maps
+    assert (pos > 0).any() and (neg > 0).any()
+    assert not ((pos > 1e-6) & (neg > 1e-6)).any()
+
+
+def test_input_errors(demo):
+    good = np.zeros((1, 3, 224, 224), np.float32)
+    with pytest.raises(OnnxcamError, match="out of range"):
+        demo.explain(good, 1000)
+    with pytest.raises(OnnxcamError, match="out of range"):
+        demo.explain(good, -3)
+    with pytest.raises(OnnxcamError, match="targets for a batch"):
+        demo.explain(np.zeros((2, 3, 224, 224), np.float32), [1, 2, 3])
+    with pytest.raises(OnnxcamError, match="expects"):
+        demo.explain(np.zeros((1, 3, 100, 100), np.float32))
+    with pytest.raises(OnnxcamError, match="rank"):
+        demo.explain(np.zeros((3, 224, 224), np.float32))
+    with pytest.raises(OnnxcamError, match="unknown input"):
+        demo.explain({"pixels": good})
+    with pytest.raises(OnnxcamError, match="unknown layer"):
+        Explainer(str(MODEL), layer="not_a_tensor")
+    with pytest.raises(OnnxcamError, match="unknown method"):
+        Explainer(str(MODEL), method="nope")
+    with pytest.raises(OnnxcamError, match="not found"):
+        Explainer("/nonexistent/model.onnx")
+
+
+def test_accepts_bytes_and_modelproto_without_changing_them():
+    data = MODEL.read_bytes()
+    proto = onnx.load_from_string(data)
+    snapshot = proto.SerializeToString()
+    a = Explainer(data)
+    b = Explainer(proto)
+    assert proto.SerializeToString() == snapshot
+    assert a.layer == b.layer
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_allclose(a.explain(x).maps, b.explain(x).maps, rtol=1e-5, atol=1e-7)
+
+
+def _tiny_model(extra_op: str | None = None, softmax: bool = False) -> onnx.ModelProto:
+    """Conv -> Relu -> [extra] -> GlobalAveragePool -> Flatten -> Gemm [-> Softmax]."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    feat = "r"
+    if extra_op:
+        nodes.append(helper.make_node(extra_op, ["r"], ["e"], name="mystery", domain="com.example"))
+        feat = "e"
+    nodes += [helper.make_node("GlobalAveragePool", [feat], ["p"]),
+              helper.make_node("Flatten", ["p"], ["f"]),
+              helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    out = "logits"
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+        out = "probs"
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.example", 1)] if extra_op else [])
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def test_unsupported_op_names_op_and_node():
+    with pytest.raises(UnsupportedOpError, match=r"'Mystery'.*'mystery'"):
+        Explainer(_tiny_model("Mystery"), layer="c")
+    from onnxcam.rules import supported_ops
+
+    assert "Mystery" not in supported_ops() and "Conv" in supported_ops()
+
+
+def test_score_is_taken_before_softmax_and_matches_finite_differences():
+    """alpha_k is d y_c / d(add t to all of channel k): central differences on the head give it exactly."""
+    model = _tiny_model(softmax=True)
+    ex = Explainer(model)
+    assert ex.score == "logits" and ex.layer == "r"
+    x = np.random.default_rng(2).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    e = ex.explain(x, [1, 3])
+    # Reference in numpy: forward to the layer, then the head with perturbed channels.
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 6, 6]))
+    m.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5]))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, acts = sess.run(["logits", "r"], {"x": x})
+    np.testing.assert_allclose(e.scores, logits, rtol=1e-5, atol=1e-6)
+    fc = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc"))
+
+    def head(a):
+        return a.mean(axis=(2, 3)) @ fc.T
+
+    eps = 1e-2
+    for n, t in enumerate((1, 3)):
+        alpha = np.zeros(acts.shape[1])
+        for k in range(acts.shape[1]):
+            up, down = acts.astype(np.float64).copy(), acts.astype(np.float64).copy()
+            up[n, k] += eps
+            down[n, k] -= eps
+            alpha[k] = (head(up)[n, t] - head(down)[n, t]) / (2 * eps) / (acts.shape[2] * acts.shape[3])
+        ref = np.maximum((alpha[:, None, None] * acts[n]).sum(0), 0)
+        np.testing.assert_allclose(e.maps[n], ref, rtol=1e-4, atol=1e-5)
