@@ -102,7 +102,7 @@ def check_vjp(op_type: str, inputs: dict[str, np.ndarray], wrt: Sequence[str] | 
     feeds = {w: inputs[w] for w in wrt}
     y = run(model, feeds, [out_name])[0]
     rng = np.random.default_rng(seed)
-    gy = rng.standard_normal(y.shape).astype(y.dtype)
+    gy = np.asarray(rng.standard_normal(y.shape), dtype=y.dtype)  # asarray: rank-0 outputs stay arrays
     gmodel, gnames = vjp_model(model, wrt, out_name)
     gxs = run(gmodel, {**feeds, "gy": gy}, gnames)
     is64 = all(inputs[w].dtype == np.float64 for w in wrt)
@@ -111,9 +111,9 @@ def check_vjp(op_type: str, inputs: dict[str, np.ndarray], wrt: Sequence[str] | 
     for w, gx in zip(wrt, gxs):
         x = inputs[w]
         assert gx.shape == x.shape, f"{op_type}: gradient of {w} has shape {gx.shape}, input {x.shape}"
-        dx = rng.standard_normal(x.shape).astype(x.dtype)
-        plus = run(model, {**feeds, w: (x + eps * dx).astype(x.dtype)}, [out_name])[0].astype(np.float64)
-        minus = run(model, {**feeds, w: (x - eps * dx).astype(x.dtype)}, [out_name])[0].astype(np.float64)
+        dx = np.asarray(rng.standard_normal(x.shape), dtype=x.dtype)
+        plus = run(model, {**feeds, w: np.asarray(x + eps * dx, dtype=x.dtype)}, [out_name])[0].astype(np.float64)
+        minus = run(model, {**feeds, w: np.asarray(x - eps * dx, dtype=x.dtype)}, [out_name])[0].astype(np.float64)
         lhs = float(np.sum(gy.astype(np.float64) * (plus - minus) / (2 * eps)))
         rhs = float(np.sum(gx.astype(np.float64) * dx.astype(np.float64)))
         scale = float(np.sqrt(np.sum(gy.astype(np.float64) ** 2) * np.sum(((plus - minus) / (2 * eps)) ** 2))) + \
