@@ -6,7 +6,8 @@
 * :func:`overlay` stretches a heat map (computed at the model's input
   resolution, from an image that was squashed to it) back onto the original
   image and blends the jet colours over it.
-* :func:`panel` puts several images side by side with titles.
+* :func:`panel` puts several images side by side (common height: the
+  tallest) with word-wrapped titles.
 * :func:`save_png` writes an image, turning file-system problems into a
   one-line :class:`~onnxcam.errors.OnnxcamError`.
 """
@@ -92,18 +93,43 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
     return draw.textlength(text, font=font)
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    if _text_width(draw, text, font) <= width:
-        return text
-    ell = "..."
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap into at most ``max_lines`` lines of ``width`` pixels;
+    over-long words are cut, and an ellipsis marks dropped text."""
+    words = text.split()
+    lines: list[str] = []
+    cur = ""
+    while words:
+        word = words[0]
+        trial = f"{cur} {word}" if cur else word
+        if _text_width(draw, trial, font) <= width:
+            cur = trial
+            words.pop(0)
+            continue
+        if not cur:  # a single word wider than the tile: cut it
+            cut = max(1, _longest_prefix(draw, word, font, width, ""))
+            cur, words[0] = word[:cut], word[cut:]
+        lines.append(cur)
+        cur = ""
+        if len(lines) == max_lines:
+            break
+    if cur and len(lines) < max_lines:
+        lines.append(cur)
+    if words and lines:  # text left over: end the last line with "..."
+        rest = lines[-1] + " " + " ".join(words)
+        lines[-1] = rest[: _longest_prefix(draw, rest, font, width, "...")] + "..."
+    return lines
+
+
+def _longest_prefix(draw: ImageDraw.ImageDraw, text: str, font, width: int, suffix: str) -> int:
     lo, hi = 0, len(text)
-    while lo < hi:  # longest prefix that fits with the ellipsis
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _text_width(draw, text[:mid] + ell, font) <= width:
+        if _text_width(draw, text[:mid] + suffix, font) <= width:
             lo = mid
         else:
             hi = mid - 1
-    return text[:lo] + ell if lo > 0 else ""
+    return lo
 
 
 def panel(
@@ -111,18 +137,24 @@ def panel(
     titles: Sequence[str],
     *,
     gap: int = 6,
-    font_size: int = 14,
+    font_size: int | None = None,
+    max_title_lines: int = 3,
 ) -> Image.Image:
-    """Lay ``images`` out side by side at a common height with a title strip
-    above each. The common height is the smallest image height (images are
-    only ever scaled down, keeping their aspect ratio)."""
+    """Lay ``images`` out side by side with a title strip above each.
+
+    All images are scaled (keeping their aspect ratio) to the height of the
+    tallest one. Titles are word-wrapped to the tile width, at most
+    ``max_title_lines`` lines, drawn in black on white with PIL's default
+    font at ``font_size`` pixels (default: scaled with the image height,
+    at least 12).
+    """
     images = list(images)
     titles = [str(t) for t in titles]
     if not images:
         raise OnnxcamError("panel needs at least one image")
     if len(titles) != len(images):
         raise OnnxcamError(f"panel got {len(images)} images but {len(titles)} titles")
-    height = min(im.height for im in images)
+    height = max(im.height for im in images)
     tiles = []
     for im in images:
         im = im.convert("RGB") if im.mode != "RGB" else im
@@ -130,29 +162,38 @@ def panel(
             width = max(1, round(im.width * height / im.height))
             im = im.resize((width, height), Image.BILINEAR)
         tiles.append(im)
-    font = _font(font_size)
+    font = _font(font_size if font_size else max(12, round(height / 28)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     try:
         bbox = probe.textbbox((0, 0), "Ag", font=font)
-        line_h = bbox[3] - bbox[1]
+        line_h = bbox[3] + 3
     except Exception:
-        line_h = font_size
+        line_h = 15
     pad = 4
-    strip = line_h + 2 * pad + 2
+    wrapped = [_wrap(probe, _safe(t, font), font, max(1, tile.width - 2 * pad), max(1, max_title_lines))
+               for tile, t in zip(tiles, titles)]
+    n_lines = max(1, max(len(w) for w in wrapped))
+    strip = n_lines * line_h + 2 * pad
     total_w = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
     canvas = Image.new("RGB", (total_w, height + strip), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for tile, title in zip(tiles, titles):
+    for tile, lines in zip(tiles, wrapped):
         canvas.paste(tile, (x, strip))
-        text = _fit_text(draw, title, font, tile.width - 2 * pad)
-        try:
-            draw.text((x + pad, pad), text, fill=(0, 0, 0), font=font)
-        except UnicodeEncodeError:  # bitmap fallback font is latin-1 only
-            safe = text.encode("latin-1", "replace").decode("latin-1")
-            draw.text((x + pad, pad), safe, fill=(0, 0, 0), font=font)
+        for i, line in enumerate(lines):
+            draw.text((x + pad, pad + i * line_h), line, fill=(0, 0, 0), font=font)
         x += tile.width + gap
     return canvas
+
+
+def _safe(text: str, font) -> str:
+    """Replace characters the font cannot encode (the bitmap fallback font is
+    latin-1 only)."""
+    try:
+        ImageDraw.Draw(Image.new("L", (1, 1))).text((0, 0), text, font=font)
+        return text
+    except UnicodeEncodeError:
+        return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:

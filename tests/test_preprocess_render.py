@@ -316,14 +316,20 @@ def test_overlay_size_and_blending():
 def test_panel_layout():
     a = Image.new("RGB", (100, 50), "red")
     b = Image.new("RGB", (60, 100), "blue")
-    p = panel([a, b], ["first", "a very long title that will not fit in thirty pixels"], gap=6)
-    assert p.width == 100 + 30 + 6  # b scaled to height 50 -> width 30
-    strip = p.height - 50
-    assert 10 < strip < 60
-    assert p.getpixel((50, strip + 10)) == (255, 0, 0)
-    assert p.getpixel((100 + 6 + 15, strip + 10)) == (0, 0, 255)
-    title = np.asarray(p.crop((0, 0, 100, strip)))
+    p = panel([a, b], ["first", "second"], gap=6)
+    assert p.width == 200 + 6 + 60  # a scaled up to the tallest height, 100
+    strip = p.height - 100
+    assert 10 < strip < 40
+    assert p.getpixel((100, strip + 10)) == (255, 0, 0)
+    assert p.getpixel((200 + 6 + 30, strip + 10)) == (0, 0, 255)
+    title = np.asarray(p.crop((0, 0, 200, strip)))
     assert (title < 128).any()  # some text was drawn
+    # long titles wrap onto more lines (capped), the images stay intact
+    long = panel([a, b], ["first", "a very long title that needs several lines here"], gap=6)
+    assert long.width == p.width and long.height > p.height
+    capped = panel([a, b], ["x", "word " * 50], max_title_lines=2)
+    assert capped.height - 100 < long.height - 100 + 20
+    assert panel([a], ["\u732b \u2014 unicode"]).size[0] == 100
     with pytest.raises(OnnxcamError):
         panel([a], ["x", "y"])
 
