@@ -395,3 +395,43 @@ def test_softmax(op, opset):
         check_vjp(op, {"x": x}, attrs={"axis": axis}, opset=opset)
     check_vjp(op, {"x": x}, attrs={"axis": 1}, opset=opset, dynamic={"x": {0: "N", 2: "C"}})
     check_vjp(op, {"x": rnd(2, 5, dtype=np.float32)}, attrs={"axis": -1}, opset=opset)
+
+
+EINSUM_CASES = [
+    ("ij,jk->ik", [(3, 4), (4, 5)]),
+    ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),
+    ("ij,kj", [(3, 4), (5, 4)]),                        # implicit output "ik"
+    ("ij->", [(3, 4)]),
+    ("ij->j", [(3, 4)]),
+    ("ijk->kji", [(2, 3, 4)]),
+    ("i,j->ij", [(3,), (4,)]),
+    ("i,i", [(5,), (5,)]),
+    ("abc,cd,de->ae", [(2, 3, 4), (4, 5), (5, 2)]),
+    ("...ij,...jk->...ik", [(1, 3, 4), (5, 4, 2)]),     # broadcast '...' (onnx shape inference
+    ("...ij,...jk->...ik", [(2, 5, 3, 4), (2, 1, 4, 2)]),  # needs equal '...' ranks)
+    ("...ij,jk", [(2, 3, 4), (4, 5)]),
+    ("bhqd,bhkd->bhqk", [(2, 2, 3, 4), (2, 2, 5, 4)]),
+    ("ii,j->j", [(3, 3), (4,)]),                        # trace in the other operand
+]
+
+
+@pytest.mark.parametrize("eq,shapes", EINSUM_CASES)
+def test_einsum(eq, shapes):
+    ins = {f"x{k}": rnd(*s, seed=k) for k, s in enumerate(shapes)}
+    wrt = None
+    if eq.startswith("ii"):
+        wrt = ["x1"]
+    check_vjp("Einsum", ins, attrs={"equation": eq}, opset=13, wrt=wrt)
+
+
+def test_einsum_dynamic_batch():
+    check_vjp("Einsum", {"a": rnd(2, 3, 4), "b": rnd(2, 4, 5)}, attrs={"equation": "bij,bjk->bik"}, opset=13,
+              dynamic={"a": {0: "N"}, "b": {0: "N"}})
+    check_vjp("Einsum", {"a": rnd(2, 3, 4), "b": rnd(4, 5)}, attrs={"equation": "...j,jk->...k"}, opset=13,
+              dynamic={"a": {0: "N"}})
+
+
+def test_einsum_diagonal_unsupported():
+    from onnxcam.errors import UnsupportedOpError
+    with pytest.raises(UnsupportedOpError, match="repeated index"):
+        check_vjp("Einsum", {"a": rnd(3, 3)}, attrs={"equation": "ii->i"}, opset=13)

@@ -200,3 +200,71 @@ def log_softmax(ctx: Context, gy):
     g = gy[0]
     total = ctx.emit.reduce("ReduceSum", g, axes, keepdims=1)
     return [ctx.op("Sub", [g, ctx.op("Mul", [ctx.op("Exp", [y]), total])])]
+
+
+# --- Einsum ----------------------------------------------------------------------------------------
+
+def _einsum_terms(ctx: Context) -> tuple[list[str], str, set[str]]:
+    """Input terms and output term with '...' replaced by explicit letters; also those letters."""
+    eq = ctx.attr("equation")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ctx.node.input):
+        raise ValueError(f"Einsum equation '{eq}' does not match {len(ctx.node.input)} inputs")
+    ell_letters = ""
+    if "..." in eq:
+        used = {c for c in eq if c.isalpha()}
+        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used]
+        widths = [ctx.rank(x) - len(t.replace("...", "")) if "..." in t else 0
+                  for t, x in zip(terms, ctx.node.input)]
+        ell_letters = "".join(free[:max(widths)])
+        terms = [t.replace("...", ell_letters[len(ell_letters) - w:] if w else "") for t, w in zip(terms, widths)]
+        rhs = rhs.replace("...", ell_letters)
+    if not arrow:
+        counts: dict[str, int] = {}
+        for c in "".join(terms):
+            counts[c] = counts.get(c, 0) + 1
+        rhs = ell_letters + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in ell_letters))
+    return terms, rhs, set(ell_letters)
+
+
+@register("Einsum")
+def einsum(ctx: Context, gy):
+    # d/dX_i of einsum(X_1..X_n -> Y) is einsum(gY, X_j (j != i) -> term_i), for terms without repeated
+    # letters; letters summed away only inside term_i come back through Expand.
+    terms, rhs, ell = _einsum_terms(ctx)
+    out = no_grads(ctx)
+    emit = ctx.emit
+    for i, x in enumerate(ctx.node.input):
+        if not ctx.needs[i]:
+            continue
+        term = terms[i]
+        if len(set(term)) != len(term):
+            raise ValueError("Einsum gradient for an operand with a repeated index (diagonal)")
+        others = [j for j in range(len(terms)) if j != i]
+        avail = set(rhs).union(*[set(terms[j]) for j in others])
+        kept = "".join(c for c in term if c in avail)
+        equation = ",".join([rhs] + [terms[j] for j in others]) + "->" + kept
+        g = ctx.op("Einsum", [gy[0]] + [ctx.node.input[j] for j in others], equation=equation)
+        shape = ctx.shape(x)
+        # '...' dims broadcast: where this operand has size 1 the others may not -> sum those back.
+        reduce_axes = []
+        for p, c in enumerate(kept):
+            if c not in ell:
+                continue
+            d = shape[term.index(c)] if shape is not None else None
+            if d == 1:
+                reduce_axes.append(p)
+            elif not isinstance(d, int):
+                for j in others:
+                    sj = ctx.shape(ctx.node.input[j])
+                    if c in terms[j] and (sj is None or sj[terms[j].index(c)] not in (1, d)):
+                        raise ValueError("Einsum gradient through a '...' dim that may broadcast at run time")
+        if reduce_axes:
+            g = emit.reduce("ReduceSum", g, reduce_axes, keepdims=1)
+        if kept != term:
+            g = emit.unsqueeze(g, [p for p, c in enumerate(term) if c not in avail])
+            g = ctx.op("Expand", [g, emit.shape_of(x)])
+        out[i] = g
+    return out
