@@ -286,7 +286,7 @@ def _valid_counts(ctx: Context, x: str, y: str, yout: list[int] | None, kernel, 
         return ctx.emit.const(total.astype(dtype), hint="pool_counts")
     emit = ctx.emit
     xin_t = _spatial_shape(ctx, x)
-    yout_t = _spatial_shape(ctx, y)
+    yout_t = _spatial_shape_of_tensor(ctx, y)  # run-time size, never the inferred one (see above)
     pb_t = _as_tensor(ctx, pads_begin)
     total = None
     for d in range(n):
@@ -311,8 +311,10 @@ def _valid_counts(ctx: Context, x: str, y: str, yout: list[int] | None, kernel, 
 def _pool_output_size(ctx: Context, x: str, kernel, strides, dilations, pads_begin, pads_end) -> list[int] | None:
     """Spatial output size of a pool as onnxruntime (and PyTorch) compute it, or None if not static.
 
-    Not taken from shape inference: with ceil_mode, onnx 1.23's inference keeps a last window that would
-    start inside the end padding, onnxruntime drops it (e.g. in 4, kernel 2, stride 2, pads 0/1: 3 vs 2).
+    None also when ceil_mode drops a last window that would start inside the end padding: onnxruntime
+    does (e.g. in 4, kernel 2, stride 2, pads 0/1 gives 2), but onnx shape inference, which onnxruntime
+    itself runs when it loads the gradient graph, keeps it (3): constants shaped from the true size would
+    then clash with inferred shapes ("Incompatible dimensions"), so sizes must come from Shape at run time.
     """
     xin = _static_spatial(ctx, x)
     if xin is None or not isinstance(pads_begin, list) or not isinstance(pads_end, list):
@@ -323,7 +325,7 @@ def _pool_output_size(ctx: Context, x: str, kernel, strides, dilations, pads_beg
         num = i + pb + pe - (d * (k - 1) + 1)
         o = (-(-num // s) if ceil else num // s) + 1
         if ceil and (o - 1) * s >= i + pb:
-            o -= 1
+            return None
         out.append(o)
     return out
 
@@ -357,7 +359,7 @@ def average_pool(ctx: Context, gy):
     factor = ctx.op("Div", [avg_ones, _valid_counts(ctx, x, y, yout, kernel, strides, dilations, pb)])
     g = ctx.op("Mul", [gy[0], factor])
     g_shape = emit.ints([-1, 1] + yout) if yout is not None else ctx.op(
-        "Concat", [emit.ints([-1, 1]), _spatial_shape(ctx, y)], axis=0)
+        "Concat", [emit.ints([-1, 1]), _spatial_shape_of_tensor(ctx, y)], axis=0)
     g = ctx.op("Reshape", [g, g_shape])
     w = emit.const(np.ones([1, 1] + kernel, dtype=dtype), hint="ones_kernel")
     gx = _transpose_conv(ctx, g, w, x, yout, strides, dilations, 1, pb, pe, kernel)
