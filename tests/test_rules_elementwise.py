@@ -186,6 +186,12 @@ def test_prelu_adjoint(xshape, sshape):
     check_vjp("PRelu", {"x": x, "slope": slope}, wrt=["x"], opset=17)
 
 
+def test_prelu_dynamic_dims():
+    x = rand((2, 3, 4, 5), seed=15, kinks=[0])
+    slope = rand((3, 1, 1), seed=16, lo=0.05, hi=0.5)
+    check_vjp("PRelu", {"x": x, "slope": slope}, opset=17, dynamic={"x": {0: "N", 2: "H"}, "slope": {1: "one"}})
+
+
 def test_prelu_float32_old_opset():
     x = rand((2, 3, 4), seed=7, dtype=F32, kinks=[0])
     check_vjp("PRelu", {"x": x, "slope": rand((3, 1), seed=8, dtype=F32, lo=0.1, hi=0.3)}, wrt=["x"], opset=9)
