@@ -151,8 +151,14 @@ def explain(model, images, out, layer, target, method, counterfactual, output_na
     target_index = _resolve_target(target, labels, k)
     pp = explainer.preprocessing(**overrides)
     pils = [preprocess.load_image(img) for img in images]
-    batch = np.concatenate([preprocess.to_tensor(p, pp) for p in pils])
-    result = explainer.explain(batch, target_index, counterfactual=counterfactual)
+    tensors = [preprocess.to_tensor(p, pp) for p in pils]
+    if isinstance(explainer.input_shapes[explainer.image_input][0], int):  # fixed batch: one image per run
+        parts = [explainer.explain(t, target_index, counterfactual=counterfactual) for t in tensors]
+        result = parts[0]
+        for field in ("maps", "heatmaps", "scores", "targets"):
+            setattr(result, field, np.concatenate([getattr(p, field) for p in parts]))
+    else:
+        result = explainer.explain(np.concatenate(tensors), target_index, counterfactual=counterfactual)
 
     name = (lambda i: labels[i] if labels is not None and i < len(labels) else str(i))
     records = []
