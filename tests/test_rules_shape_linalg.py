@@ -191,6 +191,22 @@ def test_slice_without_axes_and_steps():
 
 def test_slice_opset9_attributes():
     check_vjp("Slice", {"x": rnd(4, 5)}, attrs={"starts": [1, -3], "ends": [3, 100], "axes": [0, 1]}, opset=9)
+    check_vjp("Slice", {"x": rnd(4, 5)}, attrs={"starts": [1], "ends": [3], "axes": [1]}, opset=9,
+              dynamic={"x": {0: "N"}})
+
+
+def test_slice_opset10():
+    check_vjp("Slice", {"x": rnd(4, 5), "s": i64(3, 1), "e": i64(0, 3), "a": i64(0, 1), "st": i64(-1, 1)}, opset=10)
+
+
+def test_old_opset_errors_are_clear():
+    from onnxcam.errors import UnsupportedOpError
+    with pytest.raises(UnsupportedOpError, match="opset 11"):
+        check_vjp("Slice", {"x": rnd(5), "s": i64(0), "e": i64(5), "a": i64(0), "st": i64(2)}, opset=10)
+    with pytest.raises(UnsupportedOpError, match="opset 11"):
+        check_vjp("Gather", {"x": rnd(5), "i": i64(0, 1)}, opset=10)
+    with pytest.raises(UnsupportedOpError, match="opset 11"):
+        check_vjp("Slice", {"x": rnd(4, 5)}, attrs={"starts": [1], "ends": [3]}, opset=9, dynamic={"x": {0: "N"}})
 
 
 @pytest.mark.parametrize("steps", [None, [2], [-1]])

@@ -16,6 +16,7 @@ from .registry import Context, register
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 INT64_MAX = int(np.iinfo(np.int64).max)
+INT64_MIN = int(np.iinfo(np.int64).min)
 
 IntsOrTensor = Union[Sequence[int], str]
 
@@ -105,16 +106,22 @@ def as_int64(ctx: Context, name: str) -> str:
     return ctx.op("Cast", [name], to=TensorProto.INT64)
 
 
-def scatter_add_axis(ctx: Context, g: str, axis: int, idx: str, n: str, out_shape: str, dtype) -> str:
+def scatter_add_axis(ctx: Context, g: str, axis: int, idx: str, n: str, out_shape: str, dtype,
+                     k: int | None = None) -> str:
     """Adjoint of `Gather(data, idx, axis)` for 1-D int64 `idx` with entries in [0, n).
 
     `g` has the gathered shape (data's dims with dim `axis` replaced by idx's dims), `n` is a
-    1-element int64 tensor (data's dim `axis`), `out_shape` the shape of data. Repeated indices add up.
+    1-element int64 tensor (data's dim `axis`), `out_shape` the shape of data, `k` the number of indices
+    when known. Repeated indices add up.
     """
     emit = ctx.emit
+    _need_opset(ctx, 11, f"{ctx.node.op_type} gradient")
     flat = ctx.op("Flatten", [g], axis=axis)                                # (pre, K*post)
-    k = ctx.op("Reshape", [ctx.op("Size", [idx]), emit.ints([1])])
-    g3 = ctx.op("Reshape", [flat, ctx.op("Concat", [emit.ints([0]), k, emit.ints([-1])], axis=0)])
+    if k is not None:
+        g3 = ctx.op("Reshape", [flat, emit.ints([0, k, -1])])
+    else:
+        k_t = ctx.op("Reshape", [ctx.op("Size", [idx]), emit.ints([1])])
+        g3 = ctx.op("Reshape", [flat, ctx.op("Concat", [emit.ints([0]), k_t, emit.ints([-1])], axis=0)])
     if ctx.opset >= 16:
         g3_shape = emit.shape_of(g3)
         z_shape = ctx.op("Concat", [shape_slice(ctx, g3_shape, 0, 1), n, shape_slice(ctx, g3_shape, 2, 3)], axis=0)
@@ -129,6 +136,11 @@ def scatter_add_axis(ctx: Context, g: str, axis: int, idx: str, n: str, out_shap
         onehot = ctx.op("Cast", [onehot], to=_onnx_type(dtype))
         r3 = ctx.op("MatMul", [onehot, g3])                                  # (pre, n, post)
     return ctx.op("Reshape", [r3, out_shape])
+
+
+def _need_opset(ctx: Context, version: int, what: str) -> None:
+    if ctx.opset < version:
+        raise ValueError(f"{what} needs opset {version} or newer (model has {ctx.opset})")
 
 
 def _onnx_type(dtype) -> int:
@@ -276,6 +288,7 @@ def _slice_positions(dim: int, start: int, end: int, step: int) -> np.ndarray:
 def _scatter_axis(ctx: Context, g: str, axis: int, rank: int, positions: str, dim: str, dtype) -> str:
     """Places `g` (sliced along `axis` at distinct `positions`) into zeros of length `dim` on that axis."""
     emit = ctx.emit
+    _need_opset(ctx, 11, "Slice gradient with steps or computed bounds")
     gs = emit.shape_of(g)
     target = ctx.op("Concat", [shape_slice(ctx, gs, 0, axis), dim, shape_slice(ctx, gs, axis + 1, INT64_MAX)], axis=0)
     zeros = ctx.op("Expand", [emit.const(np.zeros((), dtype=dtype), hint="zero"), target])
@@ -317,25 +330,31 @@ def slice_(ctx: Context, gy):
     g = gy[0]
     pads = [0] * (2 * rank)
     padded = False
+    reversed_axes: list[int] = []
     for j, a in enumerate(axes):
         a = norm_axis(a, rank)
         dim = static_dim(ctx, x, a)
         known = dim is not None and starts is not None and ends is not None and steps is not None
         if known:
             pos = _slice_positions(dim, starts[j], ends[j], steps[j])
-            if len(pos) == dim:
-                if steps[j] > 0:
-                    continue
-            if len(pos) and (len(pos) == 1 or steps[j] == 1):
-                pads[a], pads[rank + a] = int(pos[0]), int(dim - 1 - pos[-1])
-                padded = True
+            if len(pos) == dim and steps[j] > 0:
                 continue
             if not len(pos):
                 pads[a], pads[rank + a] = dim, 0
                 padded = True
                 continue
+            if len(pos) == 1 or abs(steps[j]) == 1:
+                # A contiguous run: zero-pad around it (after flipping it back for step -1).
+                lo, hi = int(pos.min()), int(pos.max())
+                pads[a], pads[rank + a] = lo, dim - 1 - hi
+                padded = padded or lo > 0 or hi < dim - 1
+                if steps[j] < 0 and len(pos) > 1:
+                    reversed_axes.append(a)
+                continue
             positions = emit.const(pos, hint="positions")
         else:
+            _need_opset(ctx, 11, "Slice gradient on an axis of unknown size or with computed bounds")
+
             def part(vals, name, default=None):
                 if vals is not None:
                     return emit.ints([vals[j]])
@@ -349,6 +368,9 @@ def slice_(ctx: Context, gy):
             positions = slice_op(ctx, rng, part(starts, names[0]), part(ends, names[1]), [0],
                                  part(steps, names[3], 1))
         g = _scatter_axis(ctx, g, a, rank, positions, dim_tensor(ctx, x, a), dtype)
+    if reversed_axes:
+        n = len(reversed_axes)
+        g = slice_op(ctx, g, [-1] * n, [INT64_MIN] * n, reversed_axes, [-1] * n)
     if padded:
         g = pad_op(ctx, g, pads)
     return first_only(ctx, g)
@@ -364,7 +386,9 @@ def gather(ctx: Context, gy):
     n = dim_tensor(ctx, data, axis)
     idx_n = normalized_indices(ctx, idx, n, static_dim(ctx, data, axis))
     flat = ctx.op("Reshape", [idx_n, ctx.emit.ints([-1])])
-    out[0] = scatter_add_axis(ctx, gy[0], axis, flat, n, ctx.emit.shape_of(data), ctx.dtype(data))
+    idx_shape = static_shape(ctx, idx)
+    k = int(np.prod(idx_shape)) if idx_shape is not None else None
+    out[0] = scatter_add_axis(ctx, gy[0], axis, flat, n, ctx.emit.shape_of(data), ctx.dtype(data), k)
     return out
 
 
@@ -432,8 +456,7 @@ def pad(ctx: Context, gy):
         return out
     if mode not in ("reflect", "edge", "wrap"):
         raise ValueError(f"Pad mode '{mode}'")
-    if ctx.opset < 11:
-        raise ValueError(f"Pad mode '{mode}' needs opset 11 or newer")
+    _need_opset(ctx, 11, f"Pad mode '{mode}' gradient")
     if pads_v is None or axes_v is None:
         raise ValueError(f"Pad mode '{mode}' with non-constant pads")
     if not ctx.needs[0]:
@@ -457,6 +480,6 @@ def pad(ctx: Context, gy):
         target = ctx.op("Concat", [shape_slice(ctx, gs, 0, a), ctx.emit.ints([dim]),
                                    shape_slice(ctx, gs, a + 1, INT64_MAX)], axis=0)
         g = scatter_add_axis(ctx, g, a, ctx.emit.const(index_map, hint="pad_map"), ctx.emit.ints([dim]),
-                             target, dtype)
+                             target, dtype, len(index_map))
     out[0] = g
     return out
