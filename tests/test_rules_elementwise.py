@@ -426,6 +426,8 @@ def test_tile(xshape, reps):
     check_vjp("Tile", ins, wrt=["x"], opset=18, dynamic={"x": {0: "D"}})
 
 
+# Einsum's rule is in onnxcam/rules/linalg.py; these cases add broadcast ellipses, implicit outputs and
+# indices summed inside one operand.
 EINSUMS = [
     ("ij,jk->ik", [(3, 4), (4, 5)]),
     ("bij,bjk->bik", [(2, 3, 4), (2, 4, 5)]),

@@ -10,12 +10,11 @@ Conventions:
   * Pow: d/dbase = exponent * base^(exponent - 1); d/dexponent = y * ln(base), taken as 0 where
     base == 0 (opset >= 11), as PyTorch does. Non-float exponents get no gradient.
   * Where: the condition carries no gradient.
-  * Einsum: every operand whose subscripts have no repeated index (no diagonals such as "ii->i");
-    ellipses are supported when the output keeps them.
+(Einsum's rule lives in linalg.py.)
 """
 from __future__ import annotations
 
-from .registry import Context, register, unbroadcast
+from .registry import Context, register
 
 FLOAT_ELEM_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
@@ -193,85 +192,3 @@ def tile(ctx: Context, gy):
     viewed = ctx.op("Reshape", [gy[0], split])
     out[0] = emit.reduce("ReduceSum", viewed, list(range(0, 2 * rank, 2)), keepdims=0)
     return out
-
-
-def _einsum_terms(equation: str) -> tuple[list[str], str]:
-    eq = equation.replace(" ", "")
-    if "->" in eq:
-        lhs, rhs = eq.split("->")
-        return lhs.split(","), rhs
-    terms = eq.split(",")
-    letters = [c for t in terms for c in t.replace("...", "")]
-    once = [c for c in set(letters) if letters.count(c) == 1]
-    if any(c.isupper() for c in once) and any(c.islower() for c in once):
-        raise ValueError(f"implicit-output Einsum '{equation}' with mixed-case indices is not supported")
-    return terms, ("..." if "..." in eq else "") + "".join(sorted(once))
-
-
-@register("Einsum")
-def einsum(ctx: Context, gy):
-    eq = ctx.attr("equation")
-    eq = eq.decode() if isinstance(eq, bytes) else str(eq)
-    terms, rhs = _einsum_terms(eq)
-    names = list(ctx.node.input)
-    y = ctx.output(0)
-    emit = ctx.emit
-    out = _none(ctx)
-    for i, x in enumerate(names):
-        if not ctx.needs[i]:
-            continue
-        term = terms[i]
-        plain = term.replace("...", "")
-        if len(set(plain)) != len(plain):
-            raise ValueError(f"Einsum '{eq}': repeated index in operand {i} (a diagonal) is not supported")
-        others = [t for j, t in enumerate(terms) if j != i]
-        available = set(rhs) | {c for t in others for c in t}
-        kept = "".join(c for c in plain if c in available)
-        missing = [c for c in plain if c not in available]
-        has_ell = "..." in term
-        any_ell = "..." in rhs or any("..." in t for t in others)
-        if any_ell and "..." not in rhs:
-            raise ValueError(f"Einsum '{eq}': an ellipsis that is summed away is not supported")
-        # Ellipsis rank of y (and of the gradient einsum's result): the largest among the operands.
-        # (From the inputs: onnx shape inference gives up on ellipses of different ranks.)
-        y_ell = max([ctx.rank(n) - len(t.replace("...", "")) for n, t in zip(names, terms) if "..." in t],
-                    default=0)
-        x_ell = ctx.rank(x) - len(plain) if has_ell else 0
-        if has_ell and x_ell != y_ell and not term.startswith("..."):
-            raise ValueError(f"Einsum '{eq}': a broadcast ellipsis that is not leading is not supported")
-        if has_ell:
-            pre, post = term.split("...")
-            target = "".join(c for c in pre if c in available) + "..." + "".join(c for c in post if c in available)
-        elif any_ell:
-            target = "..." + kept
-        else:
-            target = kept
-        g = ctx.op("Einsum", [gy[0]] + [n for j, n in enumerate(names) if j != i],
-                   equation=",".join([rhs] + others) + "->" + target)
-        if any_ell and not has_ell and y_ell:
-            g = emit.reduce("ReduceSum", g, list(range(y_ell)), keepdims=0)
-        if missing:
-            # Indices only this operand has were summed in the forward: broadcast the gradient back.
-            if has_ell:
-                pre, post = term.split("...")
-                layout = list(pre) + ["."] * y_ell + list(post)
-            else:
-                layout = list(plain)
-            axes = [p for p, c in enumerate(layout) if c in missing]
-            g = ctx.op("Expand", [emit.unsqueeze(g, axes), emit.shape_of(x)])
-        if has_ell and not _same_dims(ctx, x, term, y, rhs, x_ell, y_ell):
-            g = unbroadcast(ctx, g, x, g)  # g's shape is not in the view: the Shape-driven path
-        out[i] = g
-    return out
-
-
-def _same_dims(ctx: Context, x: str, term: str, y: str, rhs: str, x_ell: int, y_ell: int) -> bool:
-    """Whether x's ellipsis dims equal y's (so the gradient needs no un-broadcasting)."""
-    if x_ell != y_ell:
-        return False
-    xs, ys = ctx.shape(x), ctx.shape(y)
-    if xs is None or ys is None:
-        return False
-    xa, ya = term.index("..."), rhs.index("...")
-    xd, yd = xs[xa:xa + x_ell], ys[ya:ya + y_ell]
-    return all(a == b and a is not None for a, b in zip(xd, yd))
