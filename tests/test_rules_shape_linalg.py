@@ -451,3 +451,30 @@ def test_einsum_diagonal_unsupported():
     from onnxcam.errors import UnsupportedOpError
     with pytest.raises(UnsupportedOpError, match="repeated index"):
         check_vjp("Einsum", {"a": rnd(3, 3)}, attrs={"equation": "ii->i"}, opset=13)
+
+
+def test_pad_computed_pads():
+    # pads = [0, 0, 0, W - 3] computed from the input's shape (not a constant of the model).
+    nodes = [helper.make_node("Shape", ["x"], ["shp"]),
+             helper.make_node("Slice", ["shp", "one", "two", "zero"], ["w"]),
+             helper.make_node("Sub", ["w", "three"], ["e"]),
+             helper.make_node("Concat", ["zeros3", "e"], ["p"], axis=0),
+             helper.make_node("Pad", ["x", "p"], ["y"])]
+    inits = [numpy_helper.from_array(i64(*v), n) for n, v in
+             [("one", [1]), ("two", [2]), ("zero", [0]), ("three", [3]), ("zeros3", [0, 1, 0])]]
+    m = make_model(nodes, [("x", TensorProto.DOUBLE, [2, "W"])], None, opset=13, initializers=inits)
+    check_model_vjp(m, {"x": rnd(2, 5)}, ["x"])
+
+
+def test_attention_like_chain():
+    # Transpose -> MatMul -> Softmax -> MatMul -> Slice -> ReduceMean -> Gemm: rules composed by the driver.
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "x"], ["o"]),
+             helper.make_node("Gather", ["o", "zero"], ["cls"], axis=1),
+             helper.make_node("Concat", ["cls", "cls"], ["cc"], axis=1),
+             helper.make_node("Gemm", ["cc", "w"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"), numpy_helper.from_array(rnd(3, 8), "w")]
+    m = make_model(nodes, [("x", TensorProto.DOUBLE, ["N", 5, 4])], None, opset=17, initializers=inits)
+    check_model_vjp(m, {"x": rnd(2, 5, 4)}, ["x"])
