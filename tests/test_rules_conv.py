@@ -371,3 +371,104 @@ def test_harness_catches_a_wrong_rule(monkeypatch):
     monkeypatch.setitem(registry.RULES, ("", "MaxPool"), shifted_max_pool)
     with pytest.raises(AssertionError):
         check_vjp("MaxPool", {"x": distinct((1, 2, 8, 8), 1, F64)}, attrs={"kernel_shape": [3, 3], "strides": [2, 2]})
+
+
+# --------------------------------------------------------------------------------------------------
+# Resize
+# --------------------------------------------------------------------------------------------------
+def resize_inputs(xs, scales=None, sizes=None, roi=None, dtype=F32):
+    inputs = {"x": rand(xs, 1, dtype), "roi": np.array(roi if roi else [], F32),
+              "scales": np.array(scales if scales else [], F32)}
+    order = ["x", "roi", "scales"]
+    if sizes is not None:
+        inputs["sizes"] = np.array(sizes, np.int64)
+        order.append("sizes")
+    return inputs, order
+
+
+RESIZE_CASES = [
+    ((1, 2, 3, 4), [1, 1, 2, 2], None, {"mode": "nearest"}),
+    ((1, 2, 3, 4), [1, 1, 2, 2], None, {"mode": "linear"}),
+    ((2, 2, 3, 4), [1, 1, 2.5, 1.5], None, {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+    ((1, 2, 5, 6), None, [1, 2, 3, 4], {"mode": "linear"}),                                   # downscale
+    ((1, 2, 5, 6), None, [1, 2, 7, 13], {"mode": "nearest", "nearest_mode": "floor",
+                                         "coordinate_transformation_mode": "asymmetric"}),
+    ((1, 2, 4, 5), [1, 1, 2, 2], None, {"mode": "cubic"}),
+    ((1, 2, 4, 5), [1, 1, 1.5, 2], None, {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}),
+    ((1, 2, 6), [1, 1, 3], None, {"mode": "nearest"}),                                          # 1-D
+    ((1, 2, 3, 4, 3), [1, 1, 2, 1, 2], None, {"mode": "nearest"}),                              # 3-D
+    ((1, 2, 3, 4, 3), [1, 1, 2, 2, 2], None, {"mode": "linear"}),                               # trilinear
+]
+
+
+@pytest.mark.parametrize("xs,scales,sizes,attrs", RESIZE_CASES)
+def test_resize(xs, scales, sizes, attrs):
+    inputs, order = resize_inputs(xs, scales, sizes)
+    check_vjp("Resize", inputs, wrt=["x"], attrs=attrs, input_order=order, rtol=1e-4, opset=13)
+
+
+@pytest.mark.parametrize("case", [0, 1, 3, 5])
+def test_resize_dynamic(case):
+    xs, scales, sizes, attrs = RESIZE_CASES[case]
+    inputs, order = resize_inputs(xs, scales, sizes)
+    check_vjp("Resize", inputs, wrt=["x"], attrs=attrs, input_order=order, rtol=1e-4, opset=13,
+              dynamic=dyn_all(len(xs)))
+
+
+def test_resize_crop_and_antialias_and_opsets():
+    inputs, order = resize_inputs((1, 2, 5, 6), None, [1, 2, 4, 4], roi=[0, 0, 0.2, 0.1, 1, 1, 0.9, 0.7])
+    check_vjp("Resize", inputs, wrt=["x"], input_order=order, rtol=1e-4, opset=13,
+              attrs={"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize",
+                     "extrapolation_value": 5.0})
+    inputs, order = resize_inputs((1, 2, 8, 9), [1, 1, 0.5, 0.6])
+    check_vjp("Resize", inputs, wrt=["x"], input_order=order, rtol=1e-4, opset=18,
+              attrs={"mode": "linear", "antialias": 1})
+    inputs, order = resize_inputs((1, 2, 8, 9), [0.5, 0.6])
+    check_vjp("Resize", inputs, wrt=["x"], input_order=order, rtol=1e-4, opset=18,
+              attrs={"mode": "cubic", "axes": [2, 3]})
+    inputs, order = resize_inputs((1, 2, 3, 4), [1, 1, 2, 2])
+    check_vjp("Resize", inputs, wrt=["x"], input_order=order, rtol=1e-4, opset=11, attrs={"mode": "linear"})
+    check_vjp("Resize", {"x": rand((1, 2, 3, 4), 1), "scales": np.array([1, 1, 2, 3], F32)}, wrt=["x"],
+              rtol=1e-4, opset=10, attrs={"mode": "linear"})
+    check_vjp("Upsample", {"x": rand((1, 2, 3, 4), 1), "scales": np.array([1, 1, 2, 3], F32)}, wrt=["x"],
+              rtol=1e-4, opset=9, attrs={"mode": "nearest"})
+
+
+def _graph_vjp_check(model, x, rtol=1e-4, eps=1e-2):
+    """Dot-product test of d y0 / d x for a small multi-node model (the harness takes single nodes)."""
+    from tests.adjoint import run, vjp_model
+
+    y = run(model, {"x": x}, ["y0"])[0]
+    rng = np.random.default_rng(0)
+    gy = rng.standard_normal(y.shape).astype(y.dtype)
+    gmodel, (gname,) = vjp_model(model, ["x"])
+    gx = run(gmodel, {"x": x, "gy": gy}, [gname])[0].astype(F64)
+    dx = rng.standard_normal(x.shape).astype(x.dtype)
+    plus, minus = (run(model, {"x": (x + s * eps * dx).astype(x.dtype)}, ["y0"])[0].astype(F64) for s in (1, -1))
+    lhs, rhs = float(np.sum(gy * (plus - minus) / (2 * eps))), float(np.sum(gx * dx))
+    assert abs(lhs - rhs) <= rtol * (abs(lhs) + abs(rhs)), (lhs, rhs)
+
+
+@pytest.mark.parametrize("use_sizes", [True, False])
+def test_resize_with_computed_sizes_or_scales(use_sizes):
+    """FPN-style: the target size comes from another tensor's Shape at run time, not a constant."""
+    from onnx import TensorProto, helper
+
+    from onnxcam.graph import infer_shapes
+
+    nodes = [helper.make_node("Shape", ["x"], ["xs"]),
+             helper.make_node("Slice", ["xs", "zero", "two"], ["nc"]),
+             helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+             helper.make_node("Mul", ["sc", "one"], ["scales"])]
+    inputs = ["x", "", "", "sizes"] if use_sizes else ["x", "", "scales"]
+    nodes.append(helper.make_node("Resize", inputs, ["y0"], mode="linear"))
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]), helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+             helper.make_tensor("hw", TensorProto.INT64, [2], [7, 9]),
+             helper.make_tensor("sc", TensorProto.FLOAT, [4], [1, 1, 1.5, 2.5]),
+             helper.make_tensor("one", TensorProto.FLOAT, [], [1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model = infer_shapes(model)
+    _graph_vjp_check(model, rand((2, 2, 4, 5), 1))

@@ -508,3 +508,129 @@ def group_normalization(ctx: Context, gy):
     gx = _normalised_grad(ctx, xg, gs, [2], eps)
     result[0] = ctx.op("Reshape", [gx, emit.shape_of(x)])
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Resize / Upsample
+# --------------------------------------------------------------------------------------------------
+def _str_attr(ctx: Context, name: str, default: str) -> str:
+    v = ctx.attr(name, default)
+    return v.decode() if isinstance(v, bytes) else v
+
+
+@register("Resize", "Upsample")
+def resize(ctx: Context, gy):
+    """Resize is linear in X and separable over axes (nearest, linear, cubic, antialias alike), so
+    gx = gy contracted, axis by axis, with the 1-D interpolation matrix M_a (out_a x in_a) of each resized
+    axis. M_a is not re-derived from the coordinate-transformation formulas: it is obtained by running the
+    node's own Resize (same mode and attributes) on an identity matrix laid out as (in_a, 1, .., in_a, .., 1)
+    with only axis `a` resized (the columns ride on axis 0, which must not be resized).
+    """
+    x = ctx.input(0)
+    result: list = [None] * len(ctx.node.input)
+    if not ctx.needs[0] or gy[0] is None:
+        return result
+    emit = ctx.emit
+    rank = ctx.rank(x)
+    dtype = ctx.dtype(x)
+    op_type = ctx.node.op_type
+    if _str_attr(ctx, "keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise ValueError("Resize with keep_aspect_ratio_policy other than 'stretch' is not supported")
+    ctm = _str_attr(ctx, "coordinate_transformation_mode", "half_pixel")
+    axes = ctx.attr("axes")
+    axes = [a + rank if a < 0 else a for a in axes] if axes is not None else list(range(rank))
+    n_axes = len(axes)
+
+    scales_attr = None
+    roi = scales = sizes = ""
+    if op_type == "Upsample" and ctx.opset < 9:
+        scales_attr = [float(s) for s in ctx.attr("scales")]
+    elif op_type == "Upsample" or ctx.opset < 11:
+        scales = ctx.input(1)
+    else:
+        roi, scales, sizes = ctx.input(1), ctx.input(2), ctx.input(3)
+    scales_val = np.array(scales_attr) if scales_attr is not None else ctx.value(scales) if scales else None
+    sizes_val = ctx.value(sizes) if sizes else None
+    use_sizes = bool(sizes) and not (sizes_val is not None and sizes_val.size == 0)
+    if scales_val is not None and scales_val.size == 0:
+        scales_val = None
+    xshape = ctx.shape(x) or [None] * rank
+
+    def resized(p: int) -> bool | None:
+        """Whether position p (axis axes[p]) changes; None if unknown before run time."""
+        change = None
+        if use_sizes:
+            if sizes_val is not None and isinstance(xshape[axes[p]], int):
+                change = int(sizes_val[p]) != xshape[axes[p]]
+        elif scales_val is not None:
+            change = float(scales_val[p]) != 1.0
+        if ctm == "tf_crop_and_resize" and change is False:
+            roi_val = ctx.value(roi) if roi else None
+            if roi_val is None or roi_val.size == 0:
+                return None
+            return not (float(roi_val[p]) == 0.0 and float(roi_val[p + n_axes]) == 1.0)
+        return change
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
+    if ctm == "tf_crop_and_resize":
+        attrs["extrapolation_value"] = 0.0  # outside the crop, y is a constant: no dependence on x
+    g = gy[0]
+    for p, a in enumerate(axes):
+        change = resized(p)
+        if a == 0:
+            if change:
+                raise ValueError("the gradient of a Resize that resizes the batch axis is not supported")
+            continue  # assumed unchanged when unknown (batch axes are not resized in practice)
+        if change is False:
+            continue
+        mask = np.arange(n_axes) == p
+        # Identity laid out as (in_a, 1, ..., in_a at a, ..., 1)
+        in_a = xshape[a]
+        if isinstance(in_a, int):
+            e_shape = [1] * rank
+            e_shape[0] = e_shape[a] = in_a
+            eye = emit.const(np.eye(in_a, dtype=dtype).reshape(e_shape), hint="resize_eye")
+            e_shape_t = emit.ints(e_shape)
+        else:
+            n_t = ctx.op("Gather", [emit.shape_of(x), emit.ints([a])], axis=0)
+            square = ctx.op("ConstantOfShape", [ctx.op("Concat", [n_t, n_t], axis=0)],
+                            value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(dtype), [1], [0]))
+            parts = [n_t] + [emit.ints([1])] * (a - 1) + [n_t] + ([emit.ints([1] * (rank - a - 1))]
+                                                                 if a < rank - 1 else [])
+            e_shape_t = ctx.op("Concat", parts, axis=0)
+            eye = ctx.op("Reshape", [ctx.op("EyeLike", [square]), e_shape_t])
+        node_attrs = dict(attrs)
+        inputs = [eye]
+        if scales_attr is not None:
+            node_attrs["scales"] = [s if m else 1.0 for s, m in zip(scales_attr, mask)]
+        elif op_type == "Upsample" or ctx.opset < 11:
+            inputs.append(_where_const(ctx, mask, scales, np.ones(n_axes, np.float32)))
+        else:
+            if ctm == "tf_crop_and_resize":
+                default_roi = np.array([0.0] * n_axes + [1.0] * n_axes, dtype=ctx.dtype(roi))
+                inputs.append(_where_const(ctx, np.concatenate([mask, mask]), roi, default_roi))
+            else:
+                inputs.append(roi)
+            if use_sizes:
+                e_sizes = ctx.op("Gather", [e_shape_t, emit.ints(axes)], axis=0)
+                inputs += ["", ctx.op("Where", [emit.const(mask), sizes, e_sizes])]
+            else:
+                inputs.append(_where_const(ctx, mask, scales, np.ones(n_axes, np.float32)))
+        interp = ctx.op(op_type, inputs, **node_attrs)                          # (in_a, ..., out_a, ...)
+        matrix = ctx.op("Transpose", [ctx.op("Flatten", [interp], axis=1)], perm=[1, 0])  # (out_a, in_a)
+        if a == rank - 1:
+            g = ctx.op("MatMul", [g, matrix])
+        else:
+            perm = [i for i in range(rank) if i != a] + [a]
+            inverse = [perm.index(i) for i in range(rank)]
+            g = ctx.op("Transpose", [ctx.op("MatMul", [ctx.op("Transpose", [g], perm=perm), matrix])], perm=inverse)
+    result[0] = g
+    return result
+
+
+def _where_const(ctx: Context, mask: np.ndarray, values: str, default: np.ndarray) -> str:
+    """`values` where mask, else `default` (folded to a constant when `values` is one)."""
+    const = ctx.value(values)
+    if const is not None:
+        return ctx.emit.const(np.where(mask, const, default).astype(const.dtype), hint="resize_param")
+    return ctx.op("Where", [ctx.emit.const(mask), values, ctx.emit.const(default.astype(ctx.dtype(values)))])
