@@ -472,3 +472,21 @@ def test_resize_with_computed_sizes_or_scales(use_sizes):
     model.ir_version = 8
     model = infer_shapes(model)
     _graph_vjp_check(model, rand((2, 2, 4, 5), 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# LpNormalization / LRN
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("xs,axis,p", [((3, 5), -1, 2), ((2, 4, 3, 3), 1, 2), ((2, 4, 3), 1, 1), ((2, 4, 3), 0, 2)])
+def test_lp_normalization(xs, axis, p):
+    x = rand(xs, 1, F64) + 0.1  # keep away from the kink of |x| at 0 for p = 1
+    check_vjp("LpNormalization", {"x": x}, attrs={"axis": axis, "p": p}, opset=13)
+    check_vjp("LpNormalization", {"x": x}, attrs={"axis": axis, "p": p}, opset=18, dynamic=dyn_batch())
+
+
+# onnxruntime's CPU LRN takes 4-D input and odd sizes only.
+@pytest.mark.parametrize("xs,size", [((2, 7, 3, 4), 5), ((1, 6, 5, 2), 3), ((1, 3, 2, 2), 7), ((1, 5, 3, 3), 1)])
+def test_lrn(xs, size):
+    attrs = {"size": size, "alpha": 0.5, "beta": 0.75, "bias": 2.0}
+    check_vjp("LRN", {"x": rand(xs, 1)}, attrs=attrs, eps=1e-3, rtol=5e-3)
+    check_vjp("LRN", {"x": rand(xs, 1)}, attrs=attrs, eps=1e-3, rtol=5e-3, opset=13, dynamic=dyn_all(len(xs)))

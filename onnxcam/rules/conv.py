@@ -634,3 +634,57 @@ def _where_const(ctx: Context, mask: np.ndarray, values: str, default: np.ndarra
     if const is not None:
         return ctx.emit.const(np.where(mask, const, default).astype(const.dtype), hint="resize_param")
     return ctx.op("Where", [ctx.emit.const(mask), values, ctx.emit.const(default.astype(ctx.dtype(values)))])
+
+
+# --------------------------------------------------------------------------------------------------
+# LpNormalization / LRN
+# --------------------------------------------------------------------------------------------------
+@register("LpNormalization")
+def lp_normalization(ctx: Context, gy):
+    """y = x / ||x||_p along `axis` (p = 1 or 2): gx = (g - s * sum(g * y)) / ||x||_p with s = y for p = 2
+    and s = sign(x) for p = 1."""
+    x, y = ctx.input(0), ctx.output(0)
+    if gy[0] is None:
+        return [None]
+    rank = ctx.rank(x)
+    axis = int(ctx.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    p = int(ctx.attr("p", 2))
+    if p not in (1, 2):
+        raise ValueError(f"LpNormalization with p={p}")
+    emit = ctx.emit
+    norm = emit.reduce("ReduceL2" if p == 2 else "ReduceL1", x, [axis], keepdims=1)
+    dot = emit.reduce("ReduceSum", ctx.op("Mul", [gy[0], y]), [axis], keepdims=1)
+    s = y if p == 2 else ctx.op("Sign", [x])
+    return [ctx.op("Div", [ctx.op("Sub", [gy[0], ctx.op("Mul", [s, dot])]), norm])]
+
+
+def _channel_window_sum(ctx: Context, t: str, size: int, before: int, after: int) -> str:
+    """sum over channels c-before .. c+after of NC... tensor `t` (zero outside), as a Conv over (N,1,C,L)."""
+    emit = ctx.emit
+    t4 = emit.unsqueeze(ctx.op("Reshape", [t, emit.ints([0, 0, -1])]), [1])
+    ones = emit.const(np.ones((1, 1, size, 1), dtype=ctx.dtype(t)), hint="lrn_window")
+    summed = ctx.op("Conv", [t4, ones], pads=[before, 0, after, 0])
+    return ctx.op("Reshape", [summed, emit.shape_of(t)])
+
+
+@register("LRN")
+def lrn(ctx: Context, gy):
+    """y = x * d^-beta, d = bias + alpha/size * S, S = channel-window sum of x^2 (window from
+    c - floor((size-1)/2) to c + ceil((size-1)/2)); its adjoint is the mirrored window sum:
+    gx = g * d^-beta - 2 alpha beta / size * x * S^T(g * x * d^(-beta-1))."""
+    x = ctx.input(0)
+    if gy[0] is None:
+        return [None]
+    size = int(ctx.attr("size"))
+    alpha, beta, bias = float(ctx.attr("alpha", 1e-4)), float(ctx.attr("beta", 0.75)), float(ctx.attr("bias", 1.0))
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = ctx.op("Mul", [x, x])
+    d = ctx.op("Add", [ctx.scalar(bias, x), ctx.op("Mul", [ctx.scalar(alpha / size, x),
+                                                           _channel_window_sum(ctx, sq, size, before, after)])])
+    d_beta = ctx.op("Pow", [d, ctx.scalar(-beta, x)])
+    direct = ctx.op("Mul", [gy[0], d_beta])
+    inner = ctx.op("Mul", [ctx.op("Mul", [gy[0], x]), ctx.op("Div", [d_beta, d])])
+    back = _channel_window_sum(ctx, inner, size, after, before)
+    coupled = ctx.op("Mul", [ctx.scalar(2.0 * alpha * beta / size, x), ctx.op("Mul", [x, back])])
+    return [ctx.op("Sub", [direct, coupled])]
