@@ -43,6 +43,7 @@ CONV_CASES = [
     ((1, 4, 8, 8), (8, 1, 5, 5), {"group": 4, "strides": [2, 2], "pads": [2, 2, 2, 2]}),   # multiplier 2
     ((1, 3, 9, 7), (4, 3, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
     ((1, 3, 8, 7), (4, 3, 4, 2), {"strides": [3, 2], "auto_pad": "SAME_LOWER"}),
+    ((1, 3, 8, 7), (4, 3, 4, 2), {"strides": [3, 2], "auto_pad": "SAME_UPPER"}),              # odd total pad
     ((1, 3, 9, 7), (4, 3, 3, 3), {"strides": [2, 2], "auto_pad": "VALID"}),
     ((2, 3, 13), (4, 3, 3), {"strides": [2], "pads": [1, 2]}),                            # 1-D
     ((2, 3, 12), (3, 1, 5), {"group": 3, "dilations": [2], "pads": [4, 0]}),               # 1-D depthwise
@@ -57,8 +58,7 @@ def test_conv(xs, ws, attrs):
     check_vjp("Conv", inputs, wrt=["x"], attrs=attrs, rtol=1e-4)
 
 
-@pytest.mark.parametrize("xs,ws,attrs", [CONV_CASES[1], CONV_CASES[3], CONV_CASES[5], CONV_CASES[6],
-                                         CONV_CASES[8], CONV_CASES[10]])
+@pytest.mark.parametrize("xs,ws,attrs", [CONV_CASES[i] for i in (1, 3, 5, 6, 7, 9, 11)])
 def test_conv_dynamic(xs, ws, attrs):
     inputs = {"x": rand(xs, 1), "w": rand(ws, 2)}
     check_vjp("Conv", inputs, wrt=["x"], attrs=attrs, rtol=1e-4, dynamic=dyn_batch())
@@ -256,6 +256,17 @@ def bn_inputs(xs, dtype=F64):
 @pytest.mark.parametrize("opset", [9, 15])
 def test_batch_normalization(xs, opset):
     check_vjp("BatchNormalization", bn_inputs(xs), wrt=["x"], attrs={"epsilon": 1e-3}, opset=opset)
+
+
+def test_batch_normalization_opset7_per_activation():
+    """spatial=0 (opsets 7-8): statistics and scale per activation, shaped (C, H, W)."""
+    inputs = bn_inputs((2, 3, 4, 5))
+    rng = np.random.default_rng(8)
+    for k in ("scale", "b", "mean"):
+        inputs[k] = rng.standard_normal((3, 4, 5))
+    inputs["var"] = rng.uniform(0.5, 2.0, (3, 4, 5))
+    check_vjp("BatchNormalization", inputs, wrt=["x"], attrs={"spatial": 0}, opset=7)
+    check_vjp("BatchNormalization", bn_inputs((2, 3, 4, 5)), wrt=["x"], opset=7)
 
 
 def test_batch_normalization_dynamic_and_float32():

@@ -126,7 +126,7 @@ def _transpose_conv(ctx: Context, g: str, w: str, x: str, yout: list[int] | None
 
     With static sizes: ConvTranspose with the forward's explicit pads and
     output_padding = in - ((out-1)*stride - pad_begin - pad_end + dilation*(k-1) + 1).
-    Otherwise (symbolic sizes, dynamic pads, or an output_padding out of range as ceil-mode pools give):
+    Otherwise (symbolic sizes, dynamic pads, or an output_padding out of range, as ceil-mode pools give):
     ConvTranspose without pads (covers the whole padded input), Slice [pad_begin, pad_begin + in) and
     zero-Pad the end up to `in` (input positions no window reached).
     """
@@ -137,7 +137,8 @@ def _transpose_conv(ctx: Context, g: str, w: str, x: str, yout: list[int] | None
             and isinstance(pads_begin, list) and isinstance(pads_end, list)):
         opad = [i - ((o - 1) * s - pb - pe + d * (k - 1) + 1)
                 for i, o, s, pb, pe, d, k in zip(xin, yout, strides, pads_begin, pads_end, dilations, kernel)]
-        if all(0 <= p < max(s, d) for p, s, d in zip(opad, strides, dilations)):
+        # onnxruntime's ConvTranspose rejects output_padding >= stride (the spec allows < dilation too)
+        if all(0 <= p < s for p, s in zip(opad, strides)):
             return ctx.op("ConvTranspose", [g, w], strides=strides, dilations=dilations, group=group,
                           pads=list(pads_begin) + list(pads_end),
                           output_padding=opad if any(opad) else None)
@@ -237,7 +238,7 @@ def max_pool(ctx: Context, gy):
     Exact with overlapping windows (duplicates add up, unlike MaxUnpool). Indices are flat over the
     whole N*C*spatial tensor; with storage_order=1 the spatial part is column-major and is converted.
     """
-    x, y = ctx.input(0), ctx.output(0)
+    x = ctx.input(0)
     if gy[0] is None:
         return [None]
     if ctx.opset < 16:
