@@ -473,7 +473,8 @@ def test_resize_with_computed_sizes_or_scales(use_sizes):
              helper.make_node("Mul", ["sc", "one"], ["scales"])]
     inputs = ["x", "", "", "sizes"] if use_sizes else ["x", "", "scales"]
     nodes.append(helper.make_node("Resize", inputs, ["y0"], mode="linear"))
-    inits = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]), helper.make_tensor("two", TensorProto.INT64, [1], [2]),
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("two", TensorProto.INT64, [1], [2]),
              helper.make_tensor("hw", TensorProto.INT64, [2], [7, 9]),
              helper.make_tensor("sc", TensorProto.FLOAT, [4], [1, 1, 1.5, 2.5]),
              helper.make_tensor("one", TensorProto.FLOAT, [], [1])]

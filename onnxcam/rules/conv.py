@@ -98,7 +98,8 @@ def _resolve_pads(ctx: Context, x: str, y: str, kernel, strides, dilations) -> t
     if mode not in ("SAME_UPPER", "SAME_LOWER"):
         raise ValueError(f"unknown auto_pad '{mode}'")
     if kernel is None:
-        raise ValueError("auto_pad SAME needs a known kernel shape (kernel_shape attribute or a weight of static shape)")
+        raise ValueError("auto_pad SAME needs a known kernel shape "
+                         "(kernel_shape attribute or a weight of static shape)")
     dk = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
     xin, yout = _static_spatial(ctx, x), _static_spatial(ctx, y)
     if xin is not None and yout is not None:
@@ -348,12 +349,8 @@ def average_pool(ctx: Context, gy):
     kernel, strides, dilations = _geometry(ctx, n)
     pb, pe = _resolve_pads(ctx, x, y, kernel, strides, dilations)
     dtype = ctx.dtype(x)
-    xin = _static_spatial(ctx, x)
-    if xin is not None:
-        ones = emit.const(np.ones([1, 1] + xin, dtype=dtype), hint="ones")
-    else:
-        ones = ctx.op("Expand", [emit.scalar(1.0, dtype), ctx.op("Concat", [emit.ints([1, 1]), _spatial_shape(ctx, x)],
-                                                                 axis=0)])
+    ones = ctx.op("Expand", [emit.scalar(1.0, dtype),
+                             ctx.op("Concat", [emit.ints([1, 1]), _spatial_shape(ctx, x)], axis=0)])
     attrs = {a.name: helper.get_attribute_value(a) for a in ctx.node.attribute}
     avg_ones = ctx.op("AveragePool", [ones], **attrs)
     yout = _pool_output_size(ctx, x, kernel, strides, dilations, pb, pe)
