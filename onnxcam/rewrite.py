@@ -22,7 +22,9 @@ _SOFTMAX = {"Softmax", "LogSoftmax"}
 # Shrinking a spatial tensor with these is "collapsing the spatial dims"; the layer is their input.
 _POOLING = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "LpPool",
             "ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2", "ReduceLogSumExp", "ReduceMin",
-            "Reshape", "Flatten", "Slice", "Gather", "Squeeze"}
+            "Slice", "Gather"}
+# Pure relabelling: never a collapse, even when a batch-folding reshape hides the per-sample size.
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Cast"}
 # Stepping back over these does not change which feature map is meant.
 _SKIP_BACK = {"MaxPool", "AveragePool", "LpPool", "Identity", "Dropout"}
 _FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -78,7 +80,7 @@ def path_tensors(view: ModelView, source: str, sink: str) -> set[str]:
 
 
 def _per_sample_size(shape: list[Dim] | None) -> float:
-    if shape is None or len(shape) < 1:
+    if shape is None or len(shape) < 2:  # rank 0/1: the batch may be folded in; size unknown
         return math.inf
     dims = shape[1:]
     if all(isinstance(d, int) for d in dims):
@@ -112,7 +114,8 @@ def default_layer(view: ModelView, image: str, score: str) -> str:
         xs = view.shape(x)
         if first_spatial is None and view.rank(t) is not None and view.rank(t) >= 3:
             first_spatial = t
-        if xs is not None and len(xs) >= 3 and _per_sample_size(view.shape(t)) < _per_sample_size(xs):
+        if (node.op_type not in _RESHAPES and xs is not None and len(xs) >= 3
+                and _per_sample_size(view.shape(t)) < _per_sample_size(xs)):
             if node.op_type in _POOLING:
                 layer = x
                 while (p := view.producer.get(layer)) is not None and p.op_type in _SKIP_BACK:
