@@ -502,3 +502,65 @@ def test_lrn(xs, size):
     attrs = {"size": size, "alpha": 0.5, "beta": 0.75, "bias": 2.0}
     check_vjp("LRN", {"x": rand(xs, 1)}, attrs=attrs, eps=1e-3, rtol=5e-3)
     check_vjp("LRN", {"x": rand(xs, 1)}, attrs=attrs, eps=1e-3, rtol=5e-3, opset=13, dynamic=dyn_all(len(xs)))
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end against PyTorch autograd
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Converting a tensor to a Python boolean")
+@pytest.mark.parametrize("opset", [17, 18])
+def test_exported_cnn_matches_torch_autograd(opset):
+    """A small exported CNN (stride-2 conv, ceil-mode max/avg pools with pads, dilated depthwise conv,
+    GroupNorm, bilinear upsampling, ConvTranspose, LayerNorm, GAP, Linear) with symbolic N/H/W: the
+    gradient graph's d<seed, y>/dx equals torch's."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    import onnx
+    from onnx import helper
+    from torch import nn
+    from torch.nn import functional as tf
+
+    from onnxcam.autodiff import gradient
+    from onnxcam.graph import infer_shapes
+    from tests.adjoint import run
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.dw = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+            self.gn = nn.GroupNorm(2, 8)
+            self.up = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1)
+            self.ln = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            x = tf.relu(self.bn(self.c1(x)))
+            x = tf.max_pool2d(x, 3, 2, 1, ceil_mode=True)
+            x = self.gn(self.dw(x))
+            x = tf.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False)
+            x = tf.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = self.ln(self.up(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.fc(tf.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 29, 31)
+    buf = io.BytesIO()
+    torch.onnx.export(net, (x,), buf, input_names=["x"], output_names=["y"], opset_version=opset,
+                      dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}}, dynamo=False)
+    model = infer_shapes(onnx.load_from_string(buf.getvalue()))
+    model.graph.input.append(helper.make_tensor_value_info("seed", onnx.TensorProto.FLOAT, ["N", 5]))
+    gx_name = gradient(model, "y", ["x"], "seed")["x"]
+    model.graph.output.append(helper.make_tensor_value_info(gx_name, onnx.TensorProto.FLOAT, None))
+    seed = np.random.default_rng(0).standard_normal((2, 5)).astype(F32)
+    gx = run(model, {"x": x.numpy(), "seed": seed}, [gx_name])[0]
+    xt = x.clone().requires_grad_()
+    (net(xt) * torch.from_numpy(seed)).sum().backward()
+    ref = xt.grad.numpy()
+    np.testing.assert_allclose(gx, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
