@@ -5,7 +5,7 @@ gradients, no side branches); each is handed to its rule from `rules.RULES`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import onnx
 from onnx import TensorProto
@@ -54,8 +54,12 @@ def active_tensors(view: ModelView, of: str, wrt: Sequence[str]) -> set[str]:
 
 
 def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
-             emit: Emitter | None = None, relu_mode: str = "grad") -> dict[str, str]:
+             emit: Emitter | None = None, relu_mode: str = "grad",
+             relu_ops: Collection[str] | None = None) -> dict[str, str]:
     """Appends to `model` the nodes computing d<seed, of>/d(wrt); returns {wrt name: gradient name}.
+
+    `relu_mode` ("guided", "deconvnet") changes the backward of the ReLU-family ops named in `relu_ops`
+    (all of them when None); every other node gets its true gradient.
 
     `seed` must already be a tensor of the graph (an input, or built by the caller in `emit`) with the
     shape of `of`. The forward graph may gain optional outputs on existing nodes (MaxPool Indices).
@@ -93,7 +97,8 @@ def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
             raise UnsupportedOpError(
                 f"no gradient rule for op '{node.op_type}' ({node_label(node)}) on the path from the "
                 f"score to the layer; supported ops: see `onnxcam ops`")
-        ctx = Context(view=view, emit=emit, node=node, needs=needs, relu_mode=relu_mode)
+        mode = relu_mode if relu_ops is None or node.op_type in relu_ops else "grad"
+        ctx = Context(view=view, emit=emit, node=node, needs=needs, relu_mode=mode)
         try:
             gx = rule(ctx, gy)
         except OnnxcamError:

@@ -1,21 +1,28 @@
-"""Builds the fused explain graph: forward + backward (score -> layer) + CAM, one ONNX model.
+"""Builds the fused explain graph: forward + backward (score -> layers, and -> input for pixel methods)
++ CAM arithmetic, as one ONNX model; plus the small auxiliary graphs some methods need.
 
-Graph interface (all batch-leading, batch dynamic):
+Fused graph interface (batch-leading, batch dynamic):
   inputs : the model's own inputs, `onnxcam_target` int64 (N,) (-1 = argmax of the score),
-           optionally `onnxcam_sign` float (1,) (+1 Grad-CAM, -1 counterfactual: negated gradients)
-  outputs: `onnxcam_scores` (N, K), `onnxcam_targets` (N,), `onnxcam_maps` (N, *layer spatial),
-           `onnxcam_heatmaps` (N, *input spatial), optionally the model's own outputs.
+           optionally `onnxcam_sign` float (1,) (+1, or -1 for counterfactual: negated gradients)
+  outputs: `onnxcam_scores` (N, K), `onnxcam_targets` (N,), and by method kind
+           gradient: `onnxcam_maps` (N, *layer spatial) and `onnxcam_heatmaps` (N, *input spatial),
+                     per layer i `onnxcam_maps_i` and `onnxcam_weighted_i` (N, C, *spatial)
+           eigen:    `onnxcam_weighted_i`
+           perturbation: `onnxcam_activations_i`
+           pixel:    as gradient, plus `onnxcam_guided` (like the input) and for guided-gradcam
+                     `onnxcam_guided_gradcam`
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from . import methods
-from .autodiff import gradient
+from .autodiff import active_tensors, gradient
 from .errors import OnnxcamError
 from .graph import Emitter, ModelView, ensure_opset, infer_shapes, opset_version
 
@@ -25,8 +32,28 @@ SCORES = "onnxcam_scores"
 TARGETS = "onnxcam_targets"
 MAPS = "onnxcam_maps"
 HEATMAPS = "onnxcam_heatmaps"
-ACTIVATIONS = "onnxcam_activations"
-GRADIENTS = "onnxcam_gradients"
+GUIDED = "onnxcam_guided"
+GUIDED_GRADCAM = "onnxcam_guided_gradcam"
+
+
+def weighted_name(i: int) -> str:
+    return f"onnxcam_weighted_{i}"
+
+
+def maps_name(i: int) -> str:
+    return f"onnxcam_maps_{i}"
+
+
+def activations_name(i: int) -> str:
+    return f"onnxcam_activations_{i}"
+
+
+# Ops whose gradient rules need opset 16 (ScatterElements with reduction='add').
+_NEEDS_OPSET_16 = {"MaxPool", "Gather", "GatherElements"}
+# The ReLU-family ops Guided Backprop / deconvnet modify by default: only Relu, as Captum's GuidedBackprop
+# and pytorch-grad-cam's GuidedBackpropReLUModel modify only nn.ReLU (ReLU6 = Clip, HardSwish and SiLU
+# keep their true gradient there too).
+DEFAULT_GUIDED_OPS = ("Relu",)
 
 
 @dataclass(frozen=True)
@@ -34,10 +61,11 @@ class Spec:
     """Which tensors to explain and how."""
 
     image: str
-    layer: str
+    layers: tuple[str, ...]
     score: str
     method: str = "gradcam"
     layout: str = "NCHW"  # of the image input: where its spatial dims are
+    guided_ops: tuple[str, ...] = DEFAULT_GUIDED_OPS
 
 
 def _spatial_size(emit: Emitter, image: str, rank: int, layout: str) -> str:
@@ -47,77 +75,141 @@ def _spatial_size(emit: Emitter, image: str, rank: int, layout: str) -> str:
     return emit.op("Slice", [shape, emit.ints([2]), emit.ints([rank])])
 
 
-def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool = True,
-                        keep_outputs: bool = False, expose_tensors: bool = False) -> onnx.ModelProto:
-    """Rewrites a (shape-inferred) copy of `model` into the fused explain graph described above."""
-    cam_method = methods.get_method(spec.method)
-    before = opset_version(model)
-    model = ensure_opset(model, 11)
-    if opset_version(model) != before:
-        model = infer_shapes(model)
+def prepare(model: onnx.ModelProto, spec: Spec) -> onnx.ModelProto:
+    """Upgrades the opset where the ops on the differentiated path need it, re-inferring shapes."""
     view = ModelView(model)
-    graph = model.graph
-    emit = Emitter.for_model(model)
+    sources = list(spec.layers) + ([spec.image] if methods.get_method(spec.method).kind == "pixel" else [])
+    path = active_tensors(view, spec.score, sources)
+    ops = {view.producer[t].op_type for t in path if t in view.producer}
+    need = 16 if ops & _NEEDS_OPSET_16 else 11
+    before = opset_version(model)
+    model = ensure_opset(model, need)
+    return infer_shapes(model) if opset_version(model) != before else model
 
-    layer_rank = view.rank(spec.layer)
-    image_rank = view.rank(spec.image)
-    if layer_rank is None or layer_rank < 3:
-        raise OnnxcamError(f"layer '{spec.layer}' is not a feature map (rank {layer_rank})")
 
-    # Score as (N, K): the seed is a one-hot of the target per sample (samples do not interact).
-    score2d = emit.op("Reshape", [spec.score, emit.ints([0, -1])], hint="score2d")
-    score_f = emit.op("Cast", [score2d], to=TensorProto.FLOAT, hint="scores") \
-        if view.elem_type(spec.score) != TensorProto.FLOAT else score2d
+def _seed(emit: Emitter, view: ModelView, score: str, sign_input: bool) -> tuple[str, str, str]:
+    """(seed shaped like the score, score as float (N, K), resolved targets): a one-hot of the target per
+    sample, since samples do not interact and one backward pass serves the whole batch."""
+    score2d = emit.op("Reshape", [score, emit.ints([0, -1])], hint="score2d")
+    score_t = view.elem_type(score)
+    score_f = emit.op("Cast", [score2d], to=TensorProto.FLOAT, hint="scores") if score_t != TensorProto.FLOAT \
+        else score2d
     argmax = emit.op("ArgMax", [score2d], axis=1, keepdims=0, hint="argmax")
     zero_i = emit.const(np.array(0, np.int64), hint="zero_i")
     target = emit.op("Where", [emit.op("Less", [TARGET, zero_i]), argmax, TARGET], hint="target")
     k = emit.op("Gather", [emit.shape_of(score2d), emit.const(np.array(1, np.int64))], axis=0)
     classes = emit.op("Range", [zero_i, k, emit.const(np.array(1, np.int64))], hint="classes")
     onehot = emit.op("Equal", [emit.unsqueeze(classes, [0]), emit.unsqueeze(target, [1])])
-    seed2d = emit.op("Cast", [onehot], to=view.elem_type(spec.score), hint="onehot")
+    seed2d = emit.op("Cast", [onehot], to=score_t, hint="onehot")
     if sign_input:
-        sign = emit.op("Cast", [SIGN], to=view.elem_type(spec.score)) \
-            if view.elem_type(spec.score) != TensorProto.FLOAT else SIGN
+        sign = emit.op("Cast", [SIGN], to=score_t) if score_t != TensorProto.FLOAT else SIGN
         seed2d = emit.op("Mul", [seed2d, sign], hint="signed_seed")
-    seed = emit.op("Reshape", [seed2d, emit.shape_of(spec.score)], hint="seed")
+    return emit.op("Reshape", [seed2d, emit.shape_of(score)], hint="seed"), score_f, target
 
-    grads = gradient(model, of=spec.score, wrt=[spec.layer], seed=seed, emit=emit)[spec.layer]
 
-    acts, grads_f = spec.layer, grads
-    if view.elem_type(spec.layer) != TensorProto.FLOAT:
-        # CAM arithmetic (means, ReLU, min-max) in float32 even for float16 models.
-        acts = emit.op("Cast", [acts], to=TensorProto.FLOAT)
-        grads_f = emit.op("Cast", [grads_f], to=TensorProto.FLOAT)
-    cam = cam_method(emit, acts, grads_f, layer_rank)
-    emit.op("Identity", [cam], outputs=[MAPS])
-    size = _spatial_size(emit, spec.image, image_rank, spec.layout)
-    heat = methods.normalize(emit, methods.upsample(emit, methods.normalize(emit, cam, layer_rank - 1), size),
-                             layer_rank - 1)
-    emit.op("Identity", [heat], outputs=[HEATMAPS])
-    emit.op("Identity", [score_f], outputs=[SCORES])
-    emit.op("Identity", [target], outputs=[TARGETS])
-    if expose_tensors:
-        emit.op("Identity", [acts], outputs=[ACTIVATIONS])
-        emit.op("Identity", [grads_f], outputs=[GRADIENTS])
+def _as_float(emit: Emitter, view: ModelView, name: str, like: str) -> str:
+    # CAM arithmetic (means, ReLU, min-max) runs in float32 even for float16 models.
+    return emit.op("Cast", [name], to=TensorProto.FLOAT) if view.elem_type(like) != TensorProto.FLOAT else name
+
+
+def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool = True,
+                        keep_outputs: bool = False) -> onnx.ModelProto:
+    """Rewrites a (shape-inferred, private) copy of `model` into the fused explain graph described above."""
+    method = methods.get_method(spec.method)
+    model = prepare(model, spec)
+    view = ModelView(model)
+    graph = model.graph
+    emit = Emitter.for_model(model)
+    ranks = [view.rank(layer) for layer in spec.layers]
+    for layer, rank in zip(spec.layers, ranks):
+        if rank is None or rank < 3:
+            raise OnnxcamError(f"layer '{layer}' is not a feature map (rank {rank})")
+    image_rank = view.rank(spec.image)
+    outputs: list[onnx.ValueInfoProto] = []
+    f32 = TensorProto.FLOAT
+
+    def output(tensor: str, name: str, elem_type: int, shape) -> None:
+        emit.op("Identity", [tensor], outputs=[name])
+        outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    seed, score_f, target = _seed(emit, view, spec.score, sign_input)
+    output(score_f, SCORES, f32, ["N", "K"])
+    output(target, TARGETS, TensorProto.INT64, ["N"])
+    layer_dims = [["N", f"C{i}", *[f"h{i}_{d}" for d in range(r - 2)]] for i, r in enumerate(ranks)]
+    image_dims = ["N", *[f"H{d}" for d in range(image_rank - 2)]]
+
+    if method.kind == "perturbation":
+        for i, layer in enumerate(spec.layers):
+            output(_as_float(emit, view, layer, layer), activations_name(i), f32, layer_dims[i])
+    else:
+        grads = {}
+        if method.needs_gradients:
+            grads = gradient(model, of=spec.score, wrt=list(spec.layers), seed=seed, emit=emit)
+        cams = []
+        for i, layer in enumerate(spec.layers):
+            acts = _as_float(emit, view, layer, layer)
+            g = _as_float(emit, view, grads[layer], layer) if grads else acts
+            weighted = method.weighting(emit, acts, g, ranks[i]) if method.weighting else methods.gradcam(
+                emit, acts, g, ranks[i])
+            output(weighted, weighted_name(i), f32, layer_dims[i])
+            if method.kind != "eigen":
+                cam = methods.cam_from_weighted(emit, weighted)
+                output(cam, maps_name(i), f32, layer_dims[i][:1] + layer_dims[i][2:])
+                cams.append(cam)
+        if cams:
+            emit.op("Identity", [cams[0]], outputs=[MAPS])
+            outputs.append(helper.make_tensor_value_info(MAPS, f32, layer_dims[0][:1] + layer_dims[0][2:]))
+            size = _spatial_size(emit, spec.image, image_rank, spec.layout)
+            output(_combine(emit, cams, ranks, size, image_rank), HEATMAPS, f32, image_dims)
+        if method.kind == "pixel":
+            guided = gradient(model, of=spec.score, wrt=[spec.image], seed=seed, emit=emit,
+                              relu_mode=method.relu_mode, relu_ops=spec.guided_ops)[spec.image]
+            guided = _as_float(emit, view, guided, spec.image)
+            in_shape = ["N", *[f"D{d}" for d in range(image_rank - 1)]]
+            output(guided, GUIDED, f32, in_shape)
+            if spec.method == "guided-gradcam":
+                # Paper: Guided Backprop times the bilinearly upsampled raw Grad-CAM (as Captum's
+                # GuidedGradCam with interpolate_mode="bilinear").
+                up = methods.upsample(emit, cams[0], _spatial_size(emit, spec.image, image_rank, spec.layout))
+                up = emit.unsqueeze(up, [image_rank - 1 if spec.layout == "NHWC" else 1])
+                output(emit.op("Mul", [guided, up]), GUIDED_GRADCAM, f32, in_shape)
     emit.commit(model)
 
     graph.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
     if sign_input:
         graph.input.append(helper.make_tensor_value_info(SIGN, TensorProto.FLOAT, [1]))
-    spatial_layer = ["h%d" % i for i in range(layer_rank - 2)]
-    spatial_image = ["H%d" % i for i in range(image_rank - 2)]
-    new_outputs = [
-        helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["N", "K"]),
-        helper.make_tensor_value_info(TARGETS, TensorProto.INT64, ["N"]),
-        helper.make_tensor_value_info(MAPS, TensorProto.FLOAT, ["N", *spatial_layer]),
-        helper.make_tensor_value_info(HEATMAPS, TensorProto.FLOAT, ["N", *spatial_image]),
-    ]
-    if expose_tensors:
-        new_outputs += [
-            helper.make_tensor_value_info(ACTIVATIONS, TensorProto.FLOAT, ["N", "C", *spatial_layer]),
-            helper.make_tensor_value_info(GRADIENTS, TensorProto.FLOAT, ["N", "C", *spatial_layer]),
-        ]
     if not keep_outputs:
         del graph.output[:]
-    graph.output.extend(new_outputs)
+    graph.output.extend(outputs)
+    return model
+
+
+def _combine(emit: Emitter, cams: Sequence[str], ranks: Sequence[int], size: str, image_rank: int) -> str:
+    """Heatmap from one or several layers' maps, as pytorch-grad-cam aggregates target layers: per layer
+    scale to [0, 1] and resize to the input, average, scale again."""
+    if len(cams) == 1:
+        return methods.heatmap(emit, cams[0], ranks[0] - 1, size)
+    ups = [emit.unsqueeze(methods.upsample(emit, methods.normalize(emit, c, r - 1), size), [1])
+           for c, r in zip(cams, ranks)]
+    mean = emit.reduce("ReduceMean", emit.op("Concat", ups, axis=1), [1], keepdims=0)
+    return methods.normalize(emit, mean, image_rank - 1)
+
+
+def build_postprocess_graph(ranks: Sequence[int], image_rank: int, opset: int = 17,
+                            ir_version: int = 8) -> onnx.ModelProto:
+    """Maps computed outside the fused graph (eigen methods, Score-CAM ...) -> heatmaps, with the same
+    nodes as the fused graph. Inputs `map_i` (N, *spatial) float, `size` int64 (spatial dims)."""
+    emit = Emitter(opset=opset, taken=set())
+    cams = [f"map_{i}" for i in range(len(ranks))]
+    heat = _combine(emit, cams, ranks, "size", image_rank)
+    emit.op("Identity", [heat], outputs=[HEATMAPS])
+    inputs = [helper.make_tensor_value_info(c, TensorProto.FLOAT, ["N", *[f"h{i}_{d}" for d in range(r - 2)]])
+              for i, (c, r) in enumerate(zip(cams, ranks))]
+    inputs.append(helper.make_tensor_value_info("size", TensorProto.INT64, [image_rank - 2]))
+    graph = helper.make_graph(emit.nodes, "onnxcam_postprocess", inputs,
+                              [helper.make_tensor_value_info(HEATMAPS, TensorProto.FLOAT,
+                                                             ["N", *[f"H{d}" for d in range(image_rank - 2)]])],
+                              emit.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
     return model

@@ -1,13 +1,14 @@
 """The Python API: `Explainer(model).explain(inputs, targets)`."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from . import build, preprocess, rewrite
+from . import build, methods, perturb, preprocess, rewrite
 from .errors import OnnxcamError
 from .graph import ModelLike, ModelView, infer_shapes, load_model
 from .runtime import first_line, make_session
@@ -15,21 +16,32 @@ from .runtime import first_line, make_session
 
 @dataclass
 class Explanation:
-    maps: np.ndarray  # (N, h, w) raw CAM at layer resolution, after the ReLU
+    maps: np.ndarray  # (N, h, w) raw CAM at the (first) layer's resolution, after the ReLU
     heatmaps: np.ndarray  # (N, H, W) in [0, 1] at input resolution
     scores: np.ndarray  # (N, K) the score tensor (pre-softmax logits where the model has a softmax)
     targets: np.ndarray  # (N,) the class explained per sample
     layer: str = ""
     method: str = "gradcam"
     counterfactual: bool = False
+    # Pixel-space methods: (N, *input dims) in the input's layout -- Guided Backprop / deconvnet
+    # gradients, or Guided Grad-CAM for method="guided-gradcam".
+    guided: np.ndarray | None = None
+    maps_per_layer: list = field(default_factory=list)
     extras: dict = field(default_factory=dict)
 
 
-class Explainer:
-    """Grad-CAM for an ONNX model: one fused onnxruntime session, built once, safe to share across threads."""
+# pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x intensity factor.
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
 
-    def __init__(self, model: ModelLike, layer: str | None = None, method: str = "gradcam",
-                 providers: Sequence | None = None, output: str | None = None, layout: str | None = None):
+
+class Explainer:
+    """CAM explanations for an ONNX model: one fused onnxruntime session, built once, safe to share
+    across threads. `layer` may be one tensor name or several (their maps are averaged)."""
+
+    def __init__(self, model: ModelLike, layer: str | Sequence[str] | None = None, method: str = "gradcam",
+                 providers: Sequence | None = None, output: str | None = None, layout: str | None = None,
+                 batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS):
+        self.method_info = methods.get_method(method)
         source = load_model(model)
         self.source_model = source
         inferred = infer_shapes(source)
@@ -38,20 +50,39 @@ class Explainer:
         self.image_input = rewrite.image_input(view)
         self.score = rewrite.find_score(view, output)
         if layer is None:
-            layer = rewrite.default_layer(view, self.image_input, self.score)
+            layers = [rewrite.default_layer(view, self.image_input, self.score)]
         else:
-            rewrite.check_layer(view, layer, self.image_input, self.score)
-        self.layer = layer
+            layers = [layer] if isinstance(layer, str) else list(layer)
+            if not layers:
+                raise OnnxcamError("no layer given")
+            for name in layers:
+                rewrite.check_layer(view, name, self.image_input, self.score)
+        self.layers = tuple(layers)
+        self.layer = layers[0]
         self.method = method
+        if batch_size < 1:
+            raise OnnxcamError(f"batch size must be positive, got {batch_size}")
+        self.batch_size = batch_size
         self.input_shapes = {n: view.shape(n) for n in self.input_names}
         self.input_dtypes = {n: view.np_dtype(n) for n in self.input_names}
         self.layout = layout or _guess_layout(self.input_shapes[self.image_input])
-        spec = build.Spec(image=self.image_input, layer=layer, score=self.score, method=method, layout=self.layout)
+        self.layer_ranks = [view.rank(name) for name in self.layers]
+        self.image_rank = view.rank(self.image_input)
+        spec = build.Spec(image=self.image_input, layers=self.layers, score=self.score, method=method,
+                          layout=self.layout, guided_ops=tuple(guided_ops))
         self.model = build.build_explain_graph(inferred, spec)
+        self.providers = providers
         self.session = make_session(self.model, providers)
         self.num_classes = _static_classes(view, self.score)
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")
+        self._inferred = inferred
+        self._aux: dict = {}
+        self._aux_lock = threading.Lock()
+        if self.method_info.kind in ("eigen", "perturbation"):
+            self._postprocess()
+            for i in range(len(self.layers)):
+                self._perturbation_session(i)
 
     def preprocessing(self, **overrides) -> preprocess.Preprocess:
         """How images become this model's input: overrides (preset, mean, std, size, layout) > model
@@ -60,32 +91,148 @@ class Explainer:
                                              **{k: v for k, v in overrides.items() if v is not None})
 
     def explain_image(self, image, targets=None, counterfactual: bool = False,
-                      pp: preprocess.Preprocess | None = None, **overrides) -> Explanation:
+                      pp: preprocess.Preprocess | None = None, **kwargs) -> Explanation:
         """Loads (path or PIL image) and preprocesses one image, then explains it; `.extras["image"]`
-        holds the decoded RGB image for overlays."""
+        holds the decoded RGB image for overlays. kwargs: explain()'s options or preprocessing overrides."""
+        explain_opts = {k: kwargs.pop(k) for k in ("aug_smooth", "eigen_smooth", "channels", "progress")
+                        if k in kwargs}
         pil = preprocess.load_image(image)
-        pp = pp or self.preprocessing(**overrides)
-        result = self.explain(preprocess.to_tensor(pil, pp), targets, counterfactual=counterfactual)
+        pp = pp or self.preprocessing(**kwargs)
+        result = self.explain(preprocess.to_tensor(pil, pp), targets, counterfactual=counterfactual,
+                              **explain_opts)
         result.extras["image"] = pil
         return result
 
     def explain(self, inputs: np.ndarray | Mapping[str, np.ndarray], targets=None,
-                counterfactual: bool = False) -> Explanation:
+                counterfactual: bool = False, aug_smooth: bool = False, eigen_smooth: bool = False,
+                channels: Sequence[int] | None = None, progress=None) -> Explanation:
+        """Explains a batch. `targets`: None (argmax), one int, or one int per sample. `counterfactual`
+        negates the gradients (gradient methods). `aug_smooth`: average over flips x intensity factors
+        (pytorch-grad-cam's test-time augmentation); `eigen_smooth`: first principal component of the
+        weighted activations instead of their channel sum. `channels`: for Score-CAM / Ablation-CAM, the
+        channels to perturb (default all); `progress(n)` is called as perturbed batches finish."""
         feeds = self._feeds(inputs)
         n = feeds[self.image_input].shape[0]
-        feeds[build.TARGET] = self._targets(targets, n)
+        target_vec = self._targets(targets, n)
+        if counterfactual and self.method_info.kind == "perturbation":
+            raise OnnxcamError(f"counterfactual maps need gradients; method '{self.method}' uses none")
+        if aug_smooth:
+            return self._aug_smooth(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
+        feeds[build.TARGET] = target_vec
         feeds[build.SIGN] = np.array([-1.0 if counterfactual else 1.0], np.float32)
         try:
-            scores, chosen, maps, heat = self.session.run(
-                [build.SCORES, build.TARGETS, build.MAPS, build.HEATMAPS], feeds)
+            outs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)))
         except Exception as exc:
             raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
+        scores, chosen = outs[build.SCORES], outs[build.TARGETS]
         if self.num_classes is None and targets is not None:
             bad = (chosen < 0) | (chosen >= scores.shape[1])
             if bad.any():
                 raise OnnxcamError(f"target {int(chosen[bad][0])} is out of range for {scores.shape[1]} classes")
-        return Explanation(maps=maps, heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
-                           method=self.method, counterfactual=counterfactual)
+        kind = self.method_info.kind
+        if kind in ("gradient", "pixel") and not eigen_smooth:
+            maps = [outs[build.maps_name(i)] for i in range(len(self.layers))]
+            heat = outs[build.HEATMAPS]
+        else:
+            if kind == "perturbation":
+                maps = [self._perturbation_maps(i, feeds, outs, scores, chosen, channels, progress)
+                        for i in range(len(self.layers))]
+            else:
+                maps = [np.maximum(methods.first_component(outs[build.weighted_name(i)]), 0)
+                        for i in range(len(self.layers))]
+            heat = self._heatmaps(maps, feeds[self.image_input])
+        guided = None
+        if kind == "pixel":
+            guided = outs[build.GUIDED_GRADCAM if self.method == "guided-gradcam" else build.GUIDED]
+        return Explanation(maps=maps[0], heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
+                           method=self.method, counterfactual=counterfactual, guided=guided,
+                           maps_per_layer=maps)
+
+    # -- methods outside the fused graph ----------------------------------------------------
+    def _postprocess(self):
+        with self._aux_lock:
+            if "post" not in self._aux:
+                g = build.build_postprocess_graph(self.layer_ranks, self.image_rank)
+                self._aux["post"] = make_session(g, self.providers)
+            return self._aux["post"]
+
+    def _heatmaps(self, maps: list, image: np.ndarray) -> np.ndarray:
+        spatial = image.shape[1:-1] if self.layout == "NHWC" else image.shape[2:]
+        feeds = {f"map_{i}": np.ascontiguousarray(m, np.float32) for i, m in enumerate(maps)}
+        feeds["size"] = np.asarray(spatial, np.int64)
+        return self._postprocess().run([build.HEATMAPS], feeds)[0]
+
+    def _perturbation_session(self, i: int):
+        if self.method not in ("scorecam", "ablationcam"):
+            return None
+        key = ("perturb", i)
+        with self._aux_lock:
+            if key not in self._aux:
+                if self.method == "scorecam":
+                    g = perturb.scorecam_graph(self._inferred, self.image_input, self.score, self.layout)
+                else:
+                    g = perturb.ablation_graph(self._inferred, self.layers[i], self.score)
+                self._aux[key] = make_session(g, self.providers)
+            return self._aux[key]
+
+    def _perturbation_maps(self, i, feeds, outs, scores, chosen, channels, progress) -> np.ndarray:
+        acts = outs[build.activations_name(i)]
+        n, c = acts.shape[:2]
+        chans = np.arange(c) if channels is None else np.asarray(channels, np.int64)
+        if chans.size == 0 or chans.min() < 0 or chans.max() >= c:
+            raise OnnxcamError(f"channels must be indices in 0..{c - 1}")
+        session = self._perturbation_session(i)
+        needed = {x.name for x in session.get_inputs()}
+        maps = []
+        for s in range(n):
+            extra = {k: v[s:s + 1] for k, v in feeds.items() if k in needed and k != self.image_input}
+            target = int(chosen[s])
+            if self.method == "scorecam":
+                w = perturb.scorecam_weights(session, feeds[self.image_input][s:s + 1], acts[s], target, chans,
+                                             self.batch_size, extra, progress)
+            else:
+                if self.image_input in needed:
+                    extra[self.image_input] = feeds[self.image_input][s:s + 1]
+                w = perturb.ablation_weights(session, acts[s], float(scores[s, target]), target, chans,
+                                             self.batch_size, extra, progress)
+            weighted = w.reshape((c,) + (1,) * (acts.ndim - 2)) * acts[s]
+            maps.append(np.maximum(weighted.sum(axis=0), 0))
+        return np.float32(maps)
+
+    def perturbation_count(self, n: int, channels: Sequence[int] | None = None) -> int:
+        """How many perturbed forward passes explain() will run for a batch of n (for progress bars)."""
+        if self.method_info.kind != "perturbation":
+            return 0
+        per = [len(channels) if channels is not None else None] * len(self.layers)
+        sizes = [p if p is not None else self._channels(i) for i, p in enumerate(per)]
+        return n * sum(sizes)
+
+    def _channels(self, i: int) -> int:
+        shape = ModelView(self._inferred).shape(self.layers[i])
+        return shape[1] if shape is not None and isinstance(shape[1], int) else 0
+
+    def _aug_smooth(self, feeds, targets, counterfactual, eigen_smooth, channels, progress) -> Explanation:
+        x = feeds[self.image_input]
+        n = x.shape[0]
+        w_axis = x.ndim - 2 if self.layout == "NHWC" else x.ndim - 1
+        batch = {k: np.concatenate([v] * len(AUGMENTATIONS)) for k, v in feeds.items() if k != self.image_input}
+        batch[self.image_input] = np.concatenate(
+            [(np.flip(x, w_axis) if flip else x) * np.float32(f) for flip, f in AUGMENTATIONS]).astype(x.dtype)
+        r = self.explain(batch, np.concatenate([targets] * len(AUGMENTATIONS)), counterfactual,
+                         eigen_smooth=eigen_smooth, channels=channels, progress=progress)
+
+        def deaugment(a: np.ndarray) -> np.ndarray:
+            parts = [np.flip(p, p.ndim - 1) if flip else p
+                     for p, (flip, _) in zip(np.split(a, len(AUGMENTATIONS)), AUGMENTATIONS)]
+            return np.mean(np.float32(parts), axis=0)
+
+        plain = AUGMENTATIONS.index((False, 1.0))
+        part = slice(plain * n, (plain + 1) * n)
+        maps = [deaugment(m) for m in r.maps_per_layer]
+        return Explanation(maps=maps[0], heatmaps=deaugment(r.heatmaps), scores=r.scores[part],
+                           targets=r.targets[part], layer=self.layer, method=self.method,
+                           counterfactual=counterfactual, guided=None if r.guided is None else r.guided[part],
+                           maps_per_layer=maps)
 
     # -- input checking ---------------------------------------------------------------------
     def _feeds(self, inputs) -> dict[str, np.ndarray]:

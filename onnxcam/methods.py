@@ -1,10 +1,13 @@
-"""CAM arithmetic on activations A and gradients G, emitted as ONNX nodes.
+"""CAM arithmetic on activations A and gradients G.
 
-A and G are (N, C, *spatial) float32 tensors. Each method returns the raw map (N, *spatial) after
-its ReLU; `normalize` and `upsample` turn maps into heatmaps the way pytorch-grad-cam does.
+Gradient methods are emitted as ONNX nodes of the fused graph. Each returns the *weighted activations*
+W (N, C, *spatial); the map is `ReLU(sum_c W)`, or, with eigen_smooth, the first principal component of
+W (done in numpy, as pytorch-grad-cam does). Formulas follow pytorch-grad-cam so that results can be
+compared number for number. `normalize` and `upsample` turn maps into heatmaps.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -12,33 +15,105 @@ import numpy as np
 from .errors import OnnxcamError
 from .graph import Emitter
 
-CamMethod = Callable[[Emitter, str, str, int], str]
-
-METHODS: dict[str, CamMethod] = {}
+Weighting = Callable[[Emitter, str, str, int], str]
 
 
-def method(name: str):
-    def wrap(fn: CamMethod) -> CamMethod:
-        METHODS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "gradient": W in the graph; "eigen": SVD of W in numpy; "perturbation": many forwards;
+    #            "pixel": gradients w.r.t. the input (guided backprop ...), plus Grad-CAM
+    weighting: Weighting | None = None  # for gradient and eigen kinds
+    needs_gradients: bool = True
+    relu_mode: str = "grad"  # for pixel methods: how ReLUs pass gradients back to the input
+    help: str = ""
 
-    return wrap
+
+METHODS: dict[str, Method] = {}
 
 
-def get_method(name: str) -> CamMethod:
+def _register(name: str, kind: str, weighting=None, **kw) -> None:
+    METHODS[name] = Method(name, kind, weighting, **kw)
+
+
+def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise OnnxcamError(f"unknown method '{name}'; available: {', '.join(sorted(METHODS))}") from None
+        raise OnnxcamError(f"unknown method '{name}'; available: {', '.join(METHODS)}") from None
 
 
-@method("gradcam")
-def gradcam(emit: Emitter, acts: str, grads: str, rank: int) -> str:
-    """L = ReLU(sum_k alpha_k A^k), alpha_k = mean over positions of dy/dA^k (Selvaraju et al.)."""
-    spatial = list(range(2, rank))
-    alpha = emit.reduce("ReduceMean", grads, spatial, keepdims=1)
-    weighted = emit.reduce("ReduceSum", emit.op("Mul", [alpha, acts]), [1], keepdims=0)
-    return emit.op("Relu", [weighted], hint="cam")
+def _spatial(rank: int) -> list[int]:
+    return list(range(2, rank))
+
+
+def gradcam(emit: Emitter, a: str, g: str, rank: int) -> str:
+    """alpha_k = mean_ij G (Selvaraju et al.)."""
+    return emit.op("Mul", [emit.reduce("ReduceMean", g, _spatial(rank), keepdims=1), a])
+
+
+def gradcam_pp(emit: Emitter, a: str, g: str, rank: int) -> str:
+    """Grad-CAM++ closed form: a = g^2 / (2 g^2 + sum_ij(A) g^3 + 1e-6) where g != 0; w = sum_ij ReLU(g) a."""
+    g2 = emit.op("Mul", [g, g])
+    g3 = emit.op("Mul", [g2, g])
+    sum_a = emit.reduce("ReduceSum", a, _spatial(rank), keepdims=1)
+    two = emit.scalar(2.0, np.float32)
+    denom = emit.op("Add", [emit.op("Add", [emit.op("Mul", [two, g2]), emit.op("Mul", [sum_a, g3])]),
+                            emit.scalar(1e-6, np.float32)])
+    aij = emit.op("Div", [g2, denom])
+    zero = emit.scalar(0.0, np.float32)
+    aij = emit.op("Where", [emit.op("Equal", [g, zero]), zero, aij])
+    w = emit.reduce("ReduceSum", emit.op("Mul", [emit.op("Relu", [g]), aij]), _spatial(rank), keepdims=1)
+    return emit.op("Mul", [w, a])
+
+
+def xgradcam(emit: Emitter, a: str, g: str, rank: int) -> str:
+    """XGrad-CAM: w = sum_ij G A / (sum_ij A + 1e-7)."""
+    sum_a = emit.reduce("ReduceSum", a, _spatial(rank), keepdims=1)
+    norm = emit.op("Div", [emit.op("Mul", [g, a]), emit.op("Add", [sum_a, emit.scalar(1e-7, np.float32)])])
+    return emit.op("Mul", [emit.reduce("ReduceSum", norm, _spatial(rank), keepdims=1), a])
+
+
+def layercam(emit: Emitter, a: str, g: str, rank: int) -> str:
+    """LayerCAM: ReLU(G) * A, position by position."""
+    return emit.op("Mul", [emit.op("Relu", [g]), a])
+
+
+def hirescam(emit: Emitter, a: str, g: str, rank: int) -> str:
+    """HiResCAM: G * A, position by position."""
+    return emit.op("Mul", [g, a])
+
+
+def gradcam_elementwise(emit: Emitter, a: str, g: str, rank: int) -> str:
+    """Element-wise Grad-CAM: ReLU(G * A)."""
+    return emit.op("Relu", [emit.op("Mul", [g, a])])
+
+
+def activations_only(emit: Emitter, a: str, g: str, rank: int) -> str:
+    return a
+
+
+_register("gradcam", "gradient", gradcam, help="Grad-CAM: channel weights = mean gradient")
+_register("gradcam++", "gradient", gradcam_pp, help="Grad-CAM++: closed-form higher-order weights")
+_register("xgradcam", "gradient", xgradcam, help="XGrad-CAM: activation-normalised gradient weights")
+_register("layercam", "gradient", layercam, help="LayerCAM: positive gradients weight each position")
+_register("hirescam", "gradient", hirescam, help="HiResCAM: gradient times activation per position")
+_register("gradcam-elementwise", "gradient", gradcam_elementwise, help="ReLU(gradient * activation)")
+_register("eigencam", "eigen", activations_only, needs_gradients=False,
+          help="Eigen-CAM: first principal component of the activations (no gradients)")
+_register("eigengradcam", "eigen", hirescam, help="Eigen-Grad-CAM: first principal component of G * A")
+_register("scorecam", "perturbation", help="Score-CAM: softmax of the scores of activation-masked inputs")
+_register("ablationcam", "perturbation", help="Ablation-CAM: score drop when each channel is zeroed")
+_register("guided-backprop", "pixel", relu_mode="guided",
+          help="Guided Backpropagation: input gradient, ReLUs pass only positive gradients")
+_register("deconvnet", "pixel", relu_mode="deconvnet", help="Deconvnet: input gradient, ReLUs pass ReLU(gradient)")
+_register("guided-gradcam", "pixel", relu_mode="guided",
+          help="Guided Grad-CAM: guided backprop times the bilinearly upsampled Grad-CAM")
+
+
+def cam_from_weighted(emit: Emitter, weighted: str) -> str:
+    """ReLU(sum over channels): the map (N, *spatial)."""
+    return emit.op("Relu", [emit.reduce("ReduceSum", weighted, [1], keepdims=0)], hint="cam")
 
 
 def normalize(emit: Emitter, cam: str, rank: int) -> str:
@@ -49,13 +124,32 @@ def normalize(emit: Emitter, cam: str, rank: int) -> str:
     return emit.op("Div", [shifted, emit.op("Add", [peak, emit.scalar(1e-7, np.float32)])])
 
 
-def upsample(emit: Emitter, cam: str, size: str) -> str:
-    """Bilinear (half-pixel, like cv2.resize and F.interpolate(align_corners=False)) resize of an (N, *spatial)
-    map to `size`, an int64 tensor holding the target spatial dims."""
+def upsample(emit: Emitter, cam: str, size: str, mode: str = "half_pixel") -> str:
+    """Bilinear resize of an (N, *spatial) map to `size`, an int64 tensor of the target spatial dims.
+
+    half_pixel is cv2.resize's and F.interpolate(align_corners=False)'s convention; align_corners is
+    nn.UpsamplingBilinear2d's (used by pytorch-grad-cam's Score-CAM)."""
     x = emit.unsqueeze(cam, [1])
     n = emit.op("Slice", [emit.shape_of(x), emit.ints([0]), emit.ints([2])])
     sizes = emit.op("Concat", [n, size], axis=0)
     empty = emit.const(np.zeros((0,), np.float32), hint="empty")
-    resized = emit.op("Resize", [x, empty, empty, sizes], mode="linear",
-                      coordinate_transformation_mode="half_pixel")
+    resized = emit.op("Resize", [x, empty, empty, sizes], mode="linear", coordinate_transformation_mode=mode)
     return emit.squeeze(resized, [1])
+
+
+def heatmap(emit: Emitter, cam: str, rank: int, size: str) -> str:
+    """pytorch-grad-cam's scale_cam_image then resize, then the final per-image scaling."""
+    return normalize(emit, upsample(emit, normalize(emit, cam, rank), size), rank)
+
+
+def first_component(weighted: np.ndarray) -> np.ndarray:
+    """Projection of each sample's (positions x channels) matrix, centred, on its first right singular
+    vector (pytorch-grad-cam's get_2d_projection)."""
+    w = np.nan_to_num(np.asarray(weighted, np.float32))
+    out = []
+    for sample in w:
+        flat = sample.reshape(sample.shape[0], -1).T
+        flat = flat - flat.mean(axis=0)
+        _, _, vt = np.linalg.svd(flat, full_matrices=True)
+        out.append((flat @ vt[0, :]).reshape(sample.shape[1:]))
+    return np.float32(out)

@@ -1,0 +1,182 @@
+"""Methods that need many forward passes: Score-CAM and Ablation-CAM.
+
+Each gets one auxiliary ONNX graph, run in bounded batches through one session:
+  * Score-CAM: the model with a masking prefix: `image * minmax(upsample(A_k))` for a batch of channels k.
+  * Ablation-CAM: only the part of the model after the layer (the layer becomes an input), fed with copies
+    of the activations in which one channel each is ablated. Usually that is just the head (pool + FC),
+    so ablating thousands of channels costs little.
+Formulas follow pytorch-grad-cam's ScoreCAM and AblationCAM.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from . import methods
+from .graph import Emitter, ModelView
+
+IMAGE = "onnxcam_image"
+MASKS = "onnxcam_masks"
+LAYER_IN = "onnxcam_layer_in"
+SCORE = "onnxcam_score"
+
+Progress = Callable[[int], None]
+
+
+def _prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
+    """Drops nodes, initializers and inputs that do not feed `outputs`."""
+    view = ModelView(model)
+    needed: set[str] = set()
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        node = view.producer.get(t)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs (If/Loop) may read outer tensors
+                if attr.g is not None:
+                    for sub in attr.g.node:
+                        stack.extend(i for i in sub.input if i)
+    nodes = [n for n in model.graph.node if id(n) in keep]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    inits = [t for t in model.graph.initializer if t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    inputs = [i for i in model.graph.input if i.name in needed]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def _score_output(model: onnx.ModelProto, emit: Emitter, score: str) -> None:
+    emit.op("Reshape", [score, emit.ints([0, -1])], outputs=[SCORE])
+    emit.commit(model)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT
+                                                            if ModelView(model).elem_type(score) == TensorProto.FLOAT
+                                                            else ModelView(model).elem_type(score), ["B", "K"]))
+
+
+def scorecam_graph(model: onnx.ModelProto, image: str, score: str, layout: str) -> onnx.ModelProto:
+    """Inputs: `onnxcam_image` (1, *image dims) and `onnxcam_masks` (B, *layer spatial): B channels of A.
+    Output: `onnxcam_score` (B, K), the scores of the B masked images."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    view = ModelView(m)
+    rank = view.rank(image)
+    image_vi = next(i for i in m.graph.input if i.name == image)
+    emit = Emitter.for_model(m)
+    shape = emit.shape_of(IMAGE)
+    size = emit.op("Slice", [shape, emit.ints([1 if layout == "NHWC" else 2]),
+                             emit.ints([rank - 1 if layout == "NHWC" else rank])])
+    up = methods.upsample(emit, MASKS, size, mode="align_corners")  # nn.UpsamplingBilinear2d
+    axes = list(range(1, rank - 1))
+    lo = emit.reduce("ReduceMin", up, axes, keepdims=1)
+    hi = emit.reduce("ReduceMax", up, axes, keepdims=1)
+    norm = emit.op("Div", [emit.op("Sub", [up, lo]),
+                           emit.op("Add", [emit.op("Sub", [hi, lo]), emit.scalar(1e-8, np.float32)])])
+    mask = emit.unsqueeze(norm, [rank - 1 if layout == "NHWC" else 1])
+    if view.elem_type(image) != TensorProto.FLOAT:
+        mask = emit.op("Cast", [mask], to=view.elem_type(image))
+    emit.op("Mul", [IMAGE, mask], outputs=[image])  # the model now reads the masked images
+    _score_output(m, emit, score)
+    new_image = onnx.ValueInfoProto()
+    new_image.CopyFrom(image_vi)
+    new_image.name = IMAGE
+    inputs = [i for i in m.graph.input if i.name != image] + [
+        new_image, helper.make_tensor_value_info(MASKS, TensorProto.FLOAT, ["B", *[f"h{d}" for d in range(rank - 2)]])]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    _prune(m, [SCORE])
+    return m
+
+
+def ablation_graph(model: onnx.ModelProto, layer: str, score: str) -> onnx.ModelProto:
+    """The model after `layer`: input `onnxcam_layer_in` (B, C, ...) replaces the layer's output; any other
+    input the rest still needs (e.g. a skip connection from before the layer) stays an input.
+    Output: `onnxcam_score` (B, K)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    view = ModelView(m)
+    layer_type = onnx.TypeProto()
+    layer_type.tensor_type.elem_type = view.elem_type(layer)
+    for d in ["B"] + [d if isinstance(d, int) else f"d{i}" for i, d in enumerate(view.shape(layer)[1:])]:
+        dim = layer_type.tensor_type.shape.dim.add()
+        if isinstance(d, int):
+            dim.dim_value = d
+        else:
+            dim.dim_param = d
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name == layer:
+                node.input[i] = LAYER_IN
+    emit = Emitter.for_model(m)
+    _score_output(m, emit, score if score != layer else LAYER_IN)
+    vi = m.graph.input.add()
+    vi.name = LAYER_IN
+    vi.type.CopyFrom(layer_type)
+    _prune(m, [SCORE])
+    return m
+
+
+def _run_batches(total: int, batch_size: int, run: Callable[[int, int], np.ndarray],
+                 progress: Progress | None) -> np.ndarray:
+    parts = []
+    for start in range(0, total, batch_size):
+        stop = min(total, start + batch_size)
+        parts.append(run(start, stop))
+        if progress is not None:
+            progress(stop - start)
+    return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
+def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: int, channels: np.ndarray,
+                     batch_size: int, extra_feeds: dict, progress: Progress | None = None) -> np.ndarray:
+    """Softmax over the chosen channels of the target score of each masked image; 0 elsewhere.
+    `image` is one sample (1, ...), `acts` its activations (C, *spatial)."""
+    def run(start: int, stop: int) -> np.ndarray:
+        idx = channels[start:stop]
+        feeds = {IMAGE: image, MASKS: np.ascontiguousarray(acts[idx], np.float32)}
+        feeds.update({k: np.repeat(v, len(idx), axis=0) for k, v in extra_feeds.items()})
+        return session.run([SCORE], feeds)[0][:, target].astype(np.float64)
+
+    scores = _run_batches(len(channels), batch_size, run, progress)
+    weights = np.zeros(acts.shape[0], np.float64)
+    e = np.exp(scores - scores.max())
+    weights[channels] = e / e.sum()
+    return weights.astype(np.float32)
+
+
+def ablation_value(acts: np.ndarray) -> float:
+    """What an ablated channel is set to: 0 after a ReLU (min == 0), else far below every activation.
+    (pytorch-grad-cam lowers the value again for each channel of a batch when min != 0; we use
+    min - 1e7 for every channel, which is what that code intends.)"""
+    lo = float(acts.min())
+    return 0.0 if lo == 0 else lo - 1e7
+
+
+def ablation_weights(session, acts: np.ndarray, original: float, target: int, channels: np.ndarray,
+                     batch_size: int, extra_feeds: dict, progress: Progress | None = None) -> np.ndarray:
+    """(original - ablated) / original for the chosen channels; 0 elsewhere (as pytorch-grad-cam)."""
+    value = ablation_value(acts)
+
+    def run(start: int, stop: int) -> np.ndarray:
+        idx = channels[start:stop]
+        batch = np.repeat(acts[None], len(idx), axis=0)
+        batch[np.arange(len(idx)), idx] = value
+        feeds = {LAYER_IN: batch}
+        feeds.update({k: np.repeat(v, len(idx), axis=0) for k, v in extra_feeds.items()})
+        return session.run([SCORE], feeds)[0][:, target].astype(np.float64)
+
+    scores = _run_batches(len(channels), batch_size, run, progress)
+    weights = np.zeros(acts.shape[0], np.float64)
+    weights[channels] = (original - scores) / original
+    return weights.astype(np.float32)
