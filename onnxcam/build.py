@@ -50,10 +50,12 @@ def activations_name(i: int) -> str:
 
 # Ops whose gradient rules need opset 16 (ScatterElements with reduction='add').
 _NEEDS_OPSET_16 = {"MaxPool", "Gather", "GatherElements"}
-# The ReLU-family ops Guided Backprop / deconvnet modify by default: only Relu, as Captum's GuidedBackprop
-# and pytorch-grad-cam's GuidedBackpropReLUModel modify only nn.ReLU (ReLU6 = Clip, HardSwish and SiLU
-# keep their true gradient there too).
-DEFAULT_GUIDED_OPS = ("Relu",)
+# The ops whose backward Guided Backprop / deconvnet modify: the rectifiers, Relu and Clip (ReLU6), since
+# the method suppresses negative gradients where a rectifier passes them. HardSwish and SiLU (Sigmoid*Mul)
+# are not rectifiers (smooth, non-monotone near 0) and keep their true gradient. Captum's GuidedBackprop
+# and pytorch-grad-cam modify nn.ReLU only; pass guided_ops=("Relu",) to reproduce them exactly on models
+# with ReLU6 (MobileNetV2) -- with that choice a ReLU6-only model (EfficientNet-Lite) gets plain gradients.
+DEFAULT_GUIDED_OPS = ("Relu", "Clip")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import preprocess, render
+from . import methods, preprocess, render
 from .errors import OnnxcamError
 
 EXIT_USAGE = 2
@@ -116,10 +116,14 @@ def cli() -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out", help="Output PNG (one image) or directory [default: onnxcam-out/].")
-@click.option("--layer", help="ONNX tensor to explain (default: the last spatial feature map; see `onnxcam layers`).")
+@click.option("--layer", "layers", multiple=True,
+              help="ONNX tensor to explain (default: the last spatial feature map; see `onnxcam layers`). "
+                   "Repeat to average several layers.")
 @click.option("--target", help="Class index or label to explain (default: the top-scoring class).")
-@click.option("--method", default="gradcam", show_default=True, help="CAM method.")
+@click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
 @click.option("--counterfactual", is_flag=True, help="Negated gradients: regions that argue against the class.")
+@click.option("--aug-smooth", is_flag=True, help="Average over horizontal flips x intensity factors 0.9/1/1.1.")
+@click.option("--eigen-smooth", is_flag=True, help="First principal component instead of the channel sum.")
 @click.option("--output-name", "output_name", help="Model output to explain (default: the first).")
 @click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
 @click.option("--mean", help="Per-channel mean on the preset's scale, e.g. 0.485,0.456,0.406.")
@@ -127,23 +131,33 @@ def cli() -> None:
 @click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Input layout.")
 @click.option("--labels", "labels_file", type=click.Path(), help="Class names: one per line, or a JSON list.")
-@click.option("--panel", is_flag=True, help="Write original | overlay side by side instead of the overlay alone.")
+@click.option("--panel", is_flag=True,
+              help="Write the Grad-CAM paper's Figure 1 row: original | Grad-CAM | Guided Backprop | "
+                   "Guided Grad-CAM | counterfactual.")
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, None), help="Classes to print.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None),
+              help="Perturbed images per run (Score-CAM, Ablation-CAM).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def explain(model, images, out, layer, target, method, counterfactual, output_name, preset, mean, std, size,
-            layout, labels_file, panel, alpha, top, as_json):
-    """Write a Grad-CAM overlay PNG for each IMAGE and print the top classes."""
+def explain(model, images, out, layers, target, method, counterfactual, aug_smooth, eigen_smooth, output_name,
+            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json):
+    """Write a CAM overlay PNG for each IMAGE and print the top classes."""
     from .explainer import Explainer
 
+    info = methods.get_method(method)
+    if panel and method not in ("gradcam", "guided-gradcam", "guided-backprop"):
+        _fail("--panel shows Grad-CAM with Guided Backprop (the paper's Figure 1); use it with --method gradcam")
+    if counterfactual and info.kind == "perturbation":
+        _fail(f"--counterfactual needs gradients; method '{method}' uses none")
     for img in images:
         if not os.path.exists(img):
             _fail(f"image not found: {img}")
     overrides = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
                      size=_parse_size(size), layout=layout.upper() if layout else None)
-    suffix = ("counterfactual" if counterfactual else method.replace("+", "p")) + ("_panel" if panel else "")
-    paths = _output_paths(list(images), out, suffix)
-    explainer = Explainer(model, layer=layer, method=method, output=output_name)
+    tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
+    paths = _output_paths(list(images), out, tag)
+    explainer = Explainer(model, layer=list(layers) or None, method="guided-gradcam" if panel else method,
+                          output=output_name, batch_size=batch_size)
     labels = preprocess.labels_from_file(labels_file) if labels_file else explainer.labels
     k = explainer.num_classes
     if labels is not None and k is not None and len(labels) != k:
@@ -152,28 +166,44 @@ def explain(model, images, out, layer, target, method, counterfactual, output_na
     pp = explainer.preprocessing(**overrides)
     pils = [preprocess.load_image(img) for img in images]
     tensors = [preprocess.to_tensor(p, pp) for p in pils]
-    if isinstance(explainer.input_shapes[explainer.image_input][0], int):  # fixed batch: one image per run
-        parts = [explainer.explain(t, target_index, counterfactual=counterfactual) for t in tensors]
-        result = parts[0]
-        for field in ("maps", "heatmaps", "scores", "targets"):
-            setattr(result, field, np.concatenate([getattr(p, field) for p in parts]))
-    else:
-        result = explainer.explain(np.concatenate(tensors), target_index, counterfactual=counterfactual)
+    opts = dict(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+
+    def run(batch: np.ndarray, cf: bool, progress=None):
+        return explainer.explain(batch, target_index, counterfactual=cf, progress=progress, **opts)
+
+    def run_all(cf: bool):
+        total = explainer.perturbation_count(len(tensors)) * (6 if aug_smooth else 1)
+        if total:
+            with click.progressbar(length=total, label=f"{method}: perturbed forward passes",
+                                   file=sys.stderr) as bar:
+                return _run_batched(explainer, tensors, lambda b: run(b, cf, bar.update))
+        return _run_batched(explainer, tensors, lambda b: run(b, cf))
+
+    result = run_all(counterfactual and not panel)
+    contrary = run_all(True) if panel else None
 
     name = (lambda i: labels[i] if labels is not None and i < len(labels) else str(i))
     records = []
     for i, (img, pil, path) in enumerate(zip(images, pils, paths)):
-        picture = render.overlay(pil, result.heatmaps[i], alpha=alpha)
         t = int(result.targets[i])
+        overlay = render.overlay(pil, result.heatmaps[i], alpha=alpha)
         if panel:
-            title = f"{'counterfactual' if counterfactual else method}: {name(t)}"
-            picture = render.panel([pil, picture], [Path(img).name, title])
+            gb = render.gradient_image(result.extras["guided_backprop"][i], explainer.layout, pil.size)
+            ggc = render.gradient_image(result.guided[i], explainer.layout, pil.size)
+            cf = render.overlay(pil, contrary.heatmaps[i], alpha=alpha)
+            picture = render.panel([pil, overlay, gb, ggc, cf],
+                                   [f"{Path(img).name}", f"Grad-CAM '{name(t)}'", f"Guided Backprop '{name(t)}'",
+                                    f"Guided Grad-CAM '{name(t)}'", f"Counterfactual '{name(t)}'"])
+        elif info.kind == "pixel":
+            picture = render.gradient_image(result.guided[i], explainer.layout, pil.size)
+        else:
+            picture = overlay
         render.save_png(picture, path)
         scores = result.scores[i]
         probs = _softmax(scores.astype(np.float64))
         order = np.argsort(-scores)[:top]
         records.append({
-            "image": img, "output": str(path), "layer": explainer.layer, "method": method,
+            "image": img, "output": str(path), "layers": list(explainer.layers), "method": method,
             "counterfactual": counterfactual, "target": t, "target_label": name(t),
             "top": [{"class": int(c), "label": name(int(c)), "score": float(scores[c]),
                      "probability": float(probs[c])} for c in order],
@@ -182,11 +212,25 @@ def explain(model, images, out, layer, target, method, counterfactual, output_na
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return
     for rec in records:
-        click.echo(f"{rec['image']}: explained class {rec['target']} ({rec['target_label']}) at layer "
-                   f"{rec['layer']} -> {rec['output']}")
+        click.echo(f"{rec['image']}: {method} for class {rec['target']} ({rec['target_label']}) at layer "
+                   f"{', '.join(rec['layers'])} -> {rec['output']}")
         for rank, entry in enumerate(rec["top"], 1):
             click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
                        f"p={entry['probability']:.4f}")
+
+
+def _run_batched(explainer, tensors, run):
+    """One run for the whole batch, or one per image when the model's batch size is fixed."""
+    if not isinstance(explainer.input_shapes[explainer.image_input][0], int):
+        return run(np.concatenate(tensors))
+    parts = [run(t) for t in tensors]
+    result = parts[0]
+    for field in ("maps", "heatmaps", "scores", "targets", "guided"):
+        if getattr(result, field) is not None:
+            setattr(result, field, np.concatenate([getattr(p, field) for p in parts]))
+    for key in result.extras:
+        result.extras[key] = np.concatenate([p.extras[key] for p in parts])
+    return result
 
 
 @cli.command()

@@ -141,12 +141,13 @@ class Explainer:
                 maps = [np.maximum(methods.first_component(outs[build.weighted_name(i)]), 0)
                         for i in range(len(self.layers))]
             heat = self._heatmaps(maps, feeds[self.image_input])
-        guided = None
+        guided, extras = None, {}
         if kind == "pixel":
             guided = outs[build.GUIDED_GRADCAM if self.method == "guided-gradcam" else build.GUIDED]
+            extras["guided_backprop"] = outs[build.GUIDED]
         return Explanation(maps=maps[0], heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
                            method=self.method, counterfactual=counterfactual, guided=guided,
-                           maps_per_layer=maps)
+                           maps_per_layer=maps, extras=extras)
 
     # -- methods outside the fused graph ----------------------------------------------------
     def _postprocess(self):

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from onnxcam.errors import OnnxcamError
 
-__all__ = ["jet", "overlay", "panel", "save_png"]
+__all__ = ["jet", "overlay", "panel", "save_png", "gradient_image"]
 
 # matplotlib's _jet_data: (x, value) control points per channel.
 _JET = {
@@ -238,3 +238,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def gradient_image(grad: np.ndarray, layout: str = "NCHW", size: tuple[int, int] | None = None) -> Image.Image:
+    """A pixel-space gradient (C, H, W) or (H, W, C) as a picture, normalised the usual way
+    (pytorch-grad-cam's deprocess_image): centre, divide by the std, scale by 0.1 around grey 0.5, clip.
+    `size` (width, height) stretches it back onto the original photo."""
+    g = np.asarray(grad, np.float64)
+    if g.ndim == 3 and layout == "NCHW":
+        g = g.transpose(1, 2, 0)
+    if g.ndim == 3 and g.shape[2] == 1:
+        g = g[:, :, 0]
+    g = g - g.mean()
+    g = g / (g.std() + 1e-5)
+    g = np.clip(g * 0.1 + 0.5, 0, 1)
+    im = Image.fromarray(np.uint8(g * 255))
+    im = im.convert("RGB")
+    return im.resize(size, Image.BILINEAR) if size is not None and im.size != tuple(size) else im
