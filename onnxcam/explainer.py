@@ -118,6 +118,9 @@ class Explainer:
             raise OnnxcamError(f"counterfactual maps need gradients; method '{self.method}' uses none")
         if aug_smooth:
             return self._aug_smooth(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
+        return self._explain(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
+
+    def _explain(self, feeds, target_vec, counterfactual, eigen_smooth, channels, progress) -> Explanation:
         feeds[build.TARGET] = target_vec
         feeds[build.SIGN] = np.array([-1.0 if counterfactual else 1.0], np.float32)
         try:
@@ -125,7 +128,7 @@ class Explainer:
         except Exception as exc:
             raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
         scores, chosen = outs[build.SCORES], outs[build.TARGETS]
-        if self.num_classes is None and targets is not None:
+        if self.num_classes is None and (target_vec >= 0).any():
             bad = (chosen < 0) | (chosen >= scores.shape[1])
             if bad.any():
                 raise OnnxcamError(f"target {int(chosen[bad][0])} is out of range for {scores.shape[1]} classes")
@@ -219,8 +222,8 @@ class Explainer:
         batch = {k: np.concatenate([v] * len(AUGMENTATIONS)) for k, v in feeds.items() if k != self.image_input}
         batch[self.image_input] = np.concatenate(
             [(np.flip(x, w_axis) if flip else x) * np.float32(f) for flip, f in AUGMENTATIONS]).astype(x.dtype)
-        r = self.explain(batch, np.concatenate([targets] * len(AUGMENTATIONS)), counterfactual,
-                         eigen_smooth=eigen_smooth, channels=channels, progress=progress)
+        r = self._explain(batch, np.concatenate([targets] * len(AUGMENTATIONS)), counterfactual, eigen_smooth,
+                          channels, progress)
 
         def deaugment(a: np.ndarray) -> np.ndarray:
             parts = [np.flip(p, p.ndim - 1) if flip else p

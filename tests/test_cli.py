@@ -115,3 +115,32 @@ def test_console_script_exit_status(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     usage = subprocess.run(exe + ["explain"], capture_output=True, text=True, env={**os.environ})
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_methods_panel_and_smoothing(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "explain", MODEL, CAT_CUP, "--panel", "--target", "504", "-o",
+                                   tmp_path / "panel.png")
+    assert code == 0, stderr
+    with Image.open(tmp_path / "panel.png") as im, Image.open(CAT_CUP) as src:
+        assert im.width >= 5 * src.width  # original | Grad-CAM | GB | Guided Grad-CAM | counterfactual
+    code, _, stderr = run_cli(capsys, "explain", MODEL, CAT, "--method", "guided-backprop", "-o", tmp_path / "gb.png")
+    assert code == 0, stderr
+    gb = np.asarray(Image.open(tmp_path / "gb.png").convert("L"), np.float64)
+    assert abs(gb.mean() - 127.5) < 10 and gb.std() > 5  # centred grey with structure
+    layers_out = run_cli(capsys, "layers", MODEL)[1].splitlines()
+    two = [line.split()[1] if line.startswith("*") else line.split()[0] for line in layers_out[-4:-2]]
+    code, stdout, stderr = run_cli(capsys, "explain", MODEL, CAT, "--method", "layercam", "--aug-smooth",
+                                   "--eigen-smooth", "--layer", two[0], "--layer", two[1], "--json",
+                                   "-o", tmp_path / "multi.png")
+    assert code == 0, stderr
+    assert json.loads(stdout)["layers"] == two
+
+
+def test_scorecam_runs_batched_with_bounded_batches(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "explain", MODEL, CAT, "--method", "ablationcam", "--batch-size", "300",
+                                   "-o", tmp_path / "abl.png")
+    assert code == 0, stderr
+    assert "ablationcam for class 285" in stdout
+    code, _, stderr = run_cli(capsys, "explain", MODEL, CAT, "--method", "scorecam", "--counterfactual",
+                              "-o", tmp_path / "x.png")
+    assert code == 2 and "needs gradients" in stderr
