@@ -256,6 +256,36 @@ def layers(model, output_name, as_json):
         click.echo(f"{'*' if c.default else ' '} {c.name}  {c.op}  {fmt(c.shape)}  spatial {fmt(c.spatial)}")
 
 
+@cli.command("export")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, help="Where to write the explainable ONNX model.")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--method", default="gradcam", show_default=True, help="A gradient CAM method.")
+@click.option("--heatmap-size", type=click.Choice(["input", "layer"]), default="input", show_default=True,
+              help="Heatmap at the input's resolution, or at the layer's.")
+@click.option("--output-name", "output_name", help="Model output to explain (default: the first).")
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False),
+              help="Also write a Triton model repository entry into this directory.")
+@click.option("--triton-name", help="Model name in the Triton repository [default: the output's stem].")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(0, None),
+              help="Triton max_batch_size (dynamic batching when > 0).")
+def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir, triton_name, max_batch):
+    """Write MODEL plus a `target` input and a `heatmap` output as one ONNX graph."""
+    from . import export
+
+    out_path = Path(out)
+    if os.path.exists(model) and os.path.realpath(out_path) == os.path.realpath(model):
+        _fail("the output would overwrite the input model")
+    exported = export.export_model(model, layer=list(layers) or None, method=method, heatmap_size=heatmap_size,
+                                   output=output_name)
+    export.save_model(exported, out_path)
+    click.echo(f"wrote {out_path}: inputs {', '.join(i.name for i in exported.graph.input)}; "
+               f"outputs {', '.join(o.name for o in exported.graph.output)}")
+    if triton_dir:
+        root = export.write_triton_repository(exported, triton_dir, triton_name or out_path.stem, max_batch)
+        click.echo(f"wrote Triton model repository entry {root}")
+
+
 @cli.command()
 def ops():
     """List the ONNX ops that have a gradient rule."""

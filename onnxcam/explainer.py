@@ -47,18 +47,8 @@ class Explainer:
         inferred = infer_shapes(source)
         view = ModelView(inferred)
         self.input_names = list(view.graph_inputs)
-        self.image_input = rewrite.image_input(view)
-        self.score = rewrite.find_score(view, output)
-        if layer is None:
-            layers = [rewrite.default_layer(view, self.image_input, self.score)]
-        else:
-            layers = [layer] if isinstance(layer, str) else list(layer)
-            if not layers:
-                raise OnnxcamError("no layer given")
-            for name in layers:
-                rewrite.check_layer(view, name, self.image_input, self.score)
-        self.layers = tuple(layers)
-        self.layer = layers[0]
+        self.image_input, self.score, self.layers = rewrite.resolve(view, layer, output)
+        self.layer = self.layers[0]
         self.method = method
         if batch_size < 1:
             raise OnnxcamError(f"batch size must be positive, got {batch_size}")

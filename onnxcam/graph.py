@@ -278,3 +278,33 @@ def ensure_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
 
 def value_info(name: str, elem_type: int, shape: Sequence[Dim] | None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
+
+
+def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
+    """Drops nodes, initializers and inputs that do not feed `outputs`."""
+    view = ModelView(model)
+    needed: set[str] = set()
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        node = view.producer.get(t)
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            stack.extend(i for i in node.input if i)
+            for attr in node.attribute:  # subgraphs (If/Loop) may read outer tensors
+                if attr.g is not None:
+                    for sub in attr.g.node:
+                        stack.extend(i for i in sub.input if i)
+    nodes = [n for n in model.graph.node if id(n) in keep]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    inits = [t for t in model.graph.initializer if t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    inputs = [i for i in model.graph.input if i.name in needed]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import methods
-from .graph import Emitter, ModelView
+from .graph import Emitter, ModelView, prune
 
 IMAGE = "onnxcam_image"
 MASKS = "onnxcam_masks"
@@ -24,36 +24,6 @@ LAYER_IN = "onnxcam_layer_in"
 SCORE = "onnxcam_score"
 
 Progress = Callable[[int], None]
-
-
-def _prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
-    """Drops nodes, initializers and inputs that do not feed `outputs`."""
-    view = ModelView(model)
-    needed: set[str] = set()
-    keep: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        t = stack.pop()
-        if t in needed:
-            continue
-        needed.add(t)
-        node = view.producer.get(t)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs (If/Loop) may read outer tensors
-                if attr.g is not None:
-                    for sub in attr.g.node:
-                        stack.extend(i for i in sub.input if i)
-    nodes = [n for n in model.graph.node if id(n) in keep]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    inits = [t for t in model.graph.initializer if t.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
-    inputs = [i for i in model.graph.input if i.name in needed]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
 
 
 def _score_output(model: onnx.ModelProto, emit: Emitter, score: str) -> None:
@@ -95,7 +65,7 @@ def scorecam_graph(model: onnx.ModelProto, image: str, score: str, layout: str) 
         new_image, helper.make_tensor_value_info(MASKS, TensorProto.FLOAT, ["B", *[f"h{d}" for d in range(rank - 2)]])]
     del m.graph.input[:]
     m.graph.input.extend(inputs)
-    _prune(m, [SCORE])
+    prune(m, [SCORE])
     return m
 
 
@@ -123,7 +93,7 @@ def ablation_graph(model: onnx.ModelProto, layer: str, score: str) -> onnx.Model
     vi = m.graph.input.add()
     vi.name = LAYER_IN
     vi.type.CopyFrom(layer_type)
-    _prune(m, [SCORE])
+    prune(m, [SCORE])
     return m
 
 

@@ -160,3 +160,17 @@ def check_layer(view: ModelView, layer: str, image: str, score: str) -> None:
     shape = view.shape(layer)
     if shape is None or len(shape) < 3:
         raise OnnxcamError(f"layer '{layer}' has shape {shape}; Grad-CAM needs a feature map (N, C, spatial...)")
+
+
+def resolve(view: ModelView, layer=None, output: str | None = None) -> tuple[str, str, tuple[str, ...]]:
+    """(image input, score, layers) for a model: the defaults above unless the user named them."""
+    image = image_input(view)
+    score = find_score(view, output)
+    if layer is None:
+        return image, score, (default_layer(view, image, score),)
+    layers = [layer] if isinstance(layer, str) else list(layer)
+    if not layers:
+        raise OnnxcamError("no layer given")
+    for name in layers:
+        check_layer(view, name, image, score)
+    return image, score, tuple(layers)

@@ -1,0 +1,150 @@
+"""`onnxcam export`: one self-contained, servable ONNX graph = the model + a `heatmap` output.
+
+The exported graph keeps the model's inputs and outputs, adds an optional int64 `target` input (N,) whose
+default (-1, or the input left out) means "the argmax class", and a `heatmap` output (N, H, W) in [0, 1].
+Only standard ONNX operators: it runs on stock onnxruntime with any execution provider, and in Triton's
+onnxruntime backend (see `triton_config`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from . import build, methods, rewrite
+from .errors import OnnxcamError
+from .graph import Emitter, ModelLike, ModelView, infer_shapes, load_model, prune
+
+_TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.DOUBLE: "TYPE_FP64",
+                 TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.UINT8: "TYPE_UINT8",
+                 TensorProto.INT8: "TYPE_INT8", TensorProto.BOOL: "TYPE_BOOL", TensorProto.BFLOAT16: "TYPE_BF16"}
+
+
+def exportable_methods() -> list[str]:
+    return [name for name, m in methods.METHODS.items() if m.kind == "gradient"]
+
+
+def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_size: str = "input",
+                 output: str | None = None, layout: str | None = None, target_name: str = "target",
+                 heatmap_name: str = "heatmap") -> onnx.ModelProto:
+    if methods.get_method(method).kind != "gradient":
+        raise OnnxcamError(f"method '{method}' cannot be exported as one graph (it needs numpy or many forward "
+                           f"passes); exportable: {', '.join(exportable_methods())}")
+    if heatmap_size not in ("input", "layer"):
+        raise OnnxcamError(f"--heatmap-size must be 'input' or 'layer', got '{heatmap_size}'")
+    source = load_model(model)
+    inferred = infer_shapes(source)
+    view = ModelView(inferred)
+    image, score, layers = rewrite.resolve(view, layer, output)
+    for name in (target_name, heatmap_name):
+        if view.has_tensor(name) or name in view.graph_inputs:
+            raise OnnxcamError(f"the model already has a tensor named '{name}'")
+    shape = view.shape(image)
+    layout = layout or ("NHWC" if shape is not None and len(shape) == 4 and shape[-1] in (1, 3)
+                        and shape[1] not in (1, 3) else "NCHW")
+    spec = build.Spec(image=image, layers=layers, score=score, method=method, layout=layout)
+    m = build.build_explain_graph(inferred, spec, sign_input=False, keep_outputs=True)
+
+    emit = Emitter.for_model(m)
+    if heatmap_size == "input":
+        heat = build.HEATMAPS
+    else:
+        heat = methods.normalize(emit, build.MAPS, view.rank(layers[0]) - 1)
+    emit.op("Identity", [heat], outputs=[heatmap_name])
+    emit.commit(m)
+
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name == build.TARGET:
+                node.input[i] = target_name
+    for inp in m.graph.input:
+        if inp.name == build.TARGET:
+            inp.name = target_name
+    # An initializer with the input's name makes the input optional: absent means [-1], i.e. the argmax.
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), target_name))
+
+    originals = [o.name for o in source.graph.output]
+    kept = [o for o in m.graph.output if o.name in originals]
+    source_shape = view.shape(image) if heatmap_size == "input" else view.shape(layers[0])
+    spatial = source_shape[1:-1] if heatmap_size == "input" and layout == "NHWC" else source_shape[2:]
+    heat_dims = [source_shape[0] if isinstance(source_shape[0], int) else "N",
+                 *[d if isinstance(d, int) else f"H{i}" for i, d in enumerate(spatial)]]
+    del m.graph.output[:]
+    m.graph.output.extend(kept)
+    m.graph.output.append(helper.make_tensor_value_info(heatmap_name, TensorProto.FLOAT, heat_dims))
+    prune(m, [o.name for o in m.graph.output])
+    m.producer_name = "onnxcam"
+    try:
+        onnx.checker.check_model(m, full_check=True)
+    except Exception as exc:
+        raise OnnxcamError(f"exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    return m
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OnnxcamError(f"cannot write {path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if model.ByteSize() > 2_000_000_000:
+            onnx.save(model, tmp, save_as_external_data=True, location=path.name + ".data")
+        else:
+            onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OnnxcamError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int = 8,
+                  target_name: str = "target") -> str:
+    """config.pbtxt for Triton's onnxruntime backend, with dynamic batching when the batch dim is dynamic."""
+    view = ModelView(model)
+
+    def dims(shape) -> str:
+        return "[ " + ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape) + " ]"
+
+    inputs = [i for i in model.graph.input if i.name not in view.initializers or i.name == target_name]
+    first = view.shape(inputs[0].name) or [None]
+    batched = max_batch_size > 0 and not isinstance(first[0], int)
+    mbs = max_batch_size if batched else 0
+
+    def entry(vi: onnx.ValueInfoProto, optional: bool = False) -> str:
+        shape = view.shape(vi.name) or []
+        if vi.name == target_name:
+            body = (f'    name: "{vi.name}"\n    data_type: TYPE_INT64\n'
+                    + ('    dims: [ 1 ]\n    reshape: { shape: [ ] }\n' if batched else '    dims: [ -1 ]\n')
+                    + "    optional: true\n")
+        else:
+            ttype = _TRITON_TYPES.get(vi.type.tensor_type.elem_type, "TYPE_FP32")
+            body = f'    name: "{vi.name}"\n    data_type: {ttype}\n    dims: {dims(shape[1:] if batched else shape)}\n'
+        return "  {\n" + body + "  }"
+
+    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {mbs}",
+             "input [\n" + ",\n".join(entry(i) for i in inputs) + "\n]",
+             "output [\n" + ",\n".join(entry(o) for o in model.graph.output) + "\n]"]
+    if batched:
+        lines.append("dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}")
+    return "\n".join(lines) + "\n"
+
+
+def write_triton_repository(model: onnx.ModelProto, directory: str | os.PathLike, name: str,
+                            max_batch_size: int = 8) -> Path:
+    """DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx."""
+    root = Path(directory) / name
+    try:
+        (root / "1").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxcamError(f"cannot create {root}: {exc.strerror or exc}") from None
+    save_model(model, root / "1" / "model.onnx")
+    try:
+        (root / "config.pbtxt").write_text(triton_config(model, name, max_batch_size))
+    except OSError as exc:
+        raise OnnxcamError(f"cannot write {root / 'config.pbtxt'}: {exc.strerror or exc}") from None
+    return root
