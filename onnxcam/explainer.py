@@ -40,7 +40,8 @@ class Explainer:
 
     def __init__(self, model: ModelLike, layer: str | Sequence[str] | None = None, method: str = "gradcam",
                  providers: Sequence | None = None, output: str | None = None, layout: str | None = None,
-                 batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS):
+                 batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
+                 session_options=None):
         self.method_info = methods.get_method(method)
         source = load_model(model)
         self.source_model = source
@@ -62,7 +63,8 @@ class Explainer:
                           layout=self.layout, guided_ops=tuple(guided_ops))
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
-        self.session = make_session(self.model, providers)
+        self.session_options = session_options
+        self.session = make_session(self.model, providers, session_options)
         self.num_classes = _static_classes(view, self.score)
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")
@@ -73,6 +75,18 @@ class Explainer:
             self._postprocess()
             for i in range(len(self.layers)):
                 self._perturbation_session(i)
+
+    @classmethod
+    def from_session(cls, session, **kwargs) -> "Explainer":
+        """An Explainer for the model an existing onnxruntime InferenceSession serves, on the same
+        execution providers and session options (the explain graph is a different graph, so it gets a
+        session of its own)."""
+        model = getattr(session, "_model_bytes", None) or getattr(session, "_model_path", None)
+        if model is None:
+            raise OnnxcamError("cannot recover the model from this InferenceSession; pass the model instead")
+        kwargs.setdefault("providers", [p for p in session.get_providers()])
+        kwargs.setdefault("session_options", session.get_session_options())
+        return cls(model, **kwargs)
 
     def preprocessing(self, **overrides) -> preprocess.Preprocess:
         """How images become this model's input: overrides (preset, mean, std, size, layout) > model
@@ -147,7 +161,7 @@ class Explainer:
         with self._aux_lock:
             if "post" not in self._aux:
                 g = build.build_postprocess_graph(self.layer_ranks, self.image_rank)
-                self._aux["post"] = make_session(g, self.providers)
+                self._aux["post"] = make_session(g, self.providers, self.session_options)
             return self._aux["post"]
 
     def _heatmaps(self, maps: list, image: np.ndarray) -> np.ndarray:
@@ -166,7 +180,7 @@ class Explainer:
                     g = perturb.scorecam_graph(self._inferred, self.image_input, self.score, self.layout)
                 else:
                     g = perturb.ablation_graph(self._inferred, self.layers[i], self.score)
-                self._aux[key] = make_session(g, self.providers)
+                self._aux[key] = make_session(g, self.providers, self.session_options)
             return self._aux[key]
 
     def _perturbation_maps(self, i, feeds, outs, scores, chosen, channels, progress) -> np.ndarray:

@@ -175,3 +175,29 @@ def test_score_is_taken_before_softmax_and_matches_finite_differences():
             alpha[k] = (head(up)[n, t] - head(down)[n, t]) / (2 * eps) / (acts.shape[2] * acts.shape[3])
         ref = np.maximum((alpha[:, None, None] * acts[n]).sum(0), 0)
         np.testing.assert_allclose(e.maps[n], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_one_explainer_shared_by_many_threads(demo):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    batches = [rng.standard_normal((1 + i % 3, 3, 224, 224)).astype(np.float32) for i in range(12)]
+    targets = [[(7 * i + j) % 1000 for j in range(len(b))] for i, b in enumerate(batches)]
+    expected = [demo.explain(b, t).heatmaps for b, t in zip(batches, targets)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda bt: demo.explain(*bt).heatmaps, zip(batches, targets)))
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, atol=1e-6)
+
+
+def test_from_existing_session_reuses_providers_and_options():
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
+    ex = Explainer.from_session(sess)
+    assert ex.session.get_providers() == sess.get_providers()
+    assert ex.session.get_session_options().intra_op_num_threads == 1
+    x = np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_allclose(ex.explain(x).scores, sess.run(None, {"image": x})[0], rtol=1e-5, atol=1e-5)
