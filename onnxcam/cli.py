@@ -286,6 +286,31 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
         click.echo(f"wrote Triton model repository entry {root}")
 
 
+@cli.command("serve")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--name", help="Model name in the URLs [default: the model file's stem].")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, None),
+              help="Most samples per explain call; 1 disables batching.")
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0, None),
+              help="How long a batch waits for more samples after its first.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, None),
+              help="Most samples waiting for a batch; more are answered 503.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, None),
+              help="Threads running explain batches at the same time.")
+@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Largest request body; larger ones are answered 413.")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
+def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, layers, method):
+    """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
+    from . import serve
+
+    serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
+              max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=list(layers) or None, method=method)
+
+
 @cli.command()
 def ops():
     """List the ONNX ops that have a gradient rule."""
