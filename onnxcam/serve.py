@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -425,27 +425,26 @@ def parse_v1(body: bytes, spec: ModelSpec) -> V1Request:
 
 def v1_response(kind: str, req: V1Request, outputs: Sequence[Output], spec: ModelSpec) -> bytes:
     if kind == "predict":
-        return _dumps({"predictions": [_prediction(o, spec) for o in outputs]})
+        return _json_list("predictions", [_prediction(o, spec) for o in outputs])
     explanations = []
     for o, image, overlay, sample in zip(outputs, req.images, req.overlay, req.samples):
         probs = _softmax(o.scores)
         e = {"class": o.target, "label": spec.label(o.target), "score": float(o.scores[o.target]),
-             "probability": float(probs[o.target]),
-             "heatmap": np.round(o.heatmap.astype(np.float64), HEATMAP_DECIMALS).tolist()}
+             "probability": float(probs[o.target])}
         if overlay:
             picture = render.overlay(image if image is not None else spec.image_from_tensor(sample.x), o.heatmap)
             buf = io.BytesIO()
             picture.save(buf, format="PNG")
             e["overlay"] = base64.b64encode(buf.getvalue()).decode("ascii")
-        explanations.append(e)
-    return _dumps({"explanations": explanations})
+        explanations.append(_json_with(e, heatmap=_heatmap_json(o.heatmap)))
+    return _json_list("explanations", explanations)
 
 
-def _prediction(o: Output, spec: ModelSpec) -> dict:
+def _prediction(o: Output, spec: ModelSpec) -> str:
     top = int(np.argmax(o.scores))
     probs = _softmax(o.scores)
-    return {"class": top, "label": spec.label(top), "probability": float(probs[top]),
-            "scores": o.scores.astype(np.float64).tolist()}
+    return _json_with({"class": top, "label": spec.label(top), "probability": float(probs[top])},
+                      scores=_floats_json(o.scores))
 
 
 @dataclass
@@ -524,20 +523,21 @@ def _v2_data(tensor: dict, spec: ModelSpec, where: str) -> np.ndarray:
 
 
 def v2_response(req: V2Request, outputs: Sequence[Output], spec: ModelSpec) -> bytes:
-    n = len(outputs)
     tensors = {
         "scores": lambda: _v2_tensor("scores", "FP32", np.stack([o.scores for o in outputs])),
         "heatmap": lambda: _v2_tensor("heatmap", "FP32", np.stack([o.heatmap for o in outputs])),
-        "class": lambda: {"name": "class", "datatype": "INT64", "shape": [n], "data": [o.target for o in outputs]},
+        "class": lambda: _v2_tensor("class", "INT64", np.array([o.target for o in outputs], np.int64)),
     }
-    body = {"model_name": spec.name, "model_version": "1", "outputs": [tensors[name]() for name in req.outputs]}
+    head = {"model_name": spec.name, "model_version": "1"}
     if req.id is not None:
-        body["id"] = req.id
-    return _dumps(body)
+        head["id"] = req.id
+    body = _json_with(head, outputs="[" + ",".join(tensors[name]() for name in req.outputs) + "]")
+    return body.encode()
 
 
-def _v2_tensor(name: str, datatype: str, a: np.ndarray) -> dict:
-    return {"name": name, "datatype": datatype, "shape": list(a.shape), "data": a.astype(np.float64).ravel().tolist()}
+def _v2_tensor(name: str, datatype: str, a: np.ndarray) -> str:
+    data = json.dumps(a.ravel().tolist()) if a.dtype.kind in "iu" else _floats_json(a)
+    return _json_with({"name": name, "datatype": datatype, "shape": list(a.shape)}, data=data)
 
 
 def v2_metadata(spec: ModelSpec) -> dict:
@@ -568,8 +568,45 @@ def _fmt(shape: Sequence) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+# Responses carry large float arrays; json.dumps spends ~1 us per float on repr(), so they are formatted here
+# (5-10x faster) and spliced into the JSON text.
+
+def _json_with(obj: dict, **raw: str) -> str:
+    """json.dumps(obj) plus members whose values are JSON text already."""
+    text = json.dumps(obj, separators=(",", ":"))[:-1]
+    extra = ",".join(f"{json.dumps(k)}:{v}" for k, v in raw.items())
+    return text + ("," if len(text) > 1 and extra else "") + extra + "}"
+
+
+def _json_list(key: str, items: list[str]) -> bytes:
+    return ("{" + json.dumps(key) + ":[" + ",".join(items) + "]}").encode()
+
+
+def _floats_json(a: np.ndarray) -> str:
+    """A flat JSON array of float32 values; '%.9g' round-trips float32 exactly."""
+    flat = np.asarray(a, np.float64).ravel()
+    if not np.isfinite(flat).all():
+        return json.dumps(flat.tolist())  # NaN/Infinity tokens, as json.dumps writes them
+    return "[" + (",".join(["%.9g"] * flat.size) % tuple(flat.tolist())) + "]"
+
+
+_ROUNDED: list = []  # _ROUNDED[0][i] = the JSON text of i / 10**HEATMAP_DECIMALS
+
+
+def _heatmap_json(h: np.ndarray) -> str:
+    """A heatmap in [0, 1] as nested JSON arrays, rounded to HEATMAP_DECIMALS (table look-ups)."""
+    if not _ROUNDED:
+        scale = 10 ** HEATMAP_DECIMALS
+        _ROUNDED.append(np.array([repr(i / scale) for i in range(scale + 1)], dtype=object))
+    table = _ROUNDED[0]
+    q = np.rint(np.clip(np.nan_to_num(h.astype(np.float64)), 0, 1) * (len(table) - 1)).astype(np.intp)
+
+    def nested(texts: np.ndarray) -> str:
+        if texts.ndim == 1:
+            return "[" + ",".join(texts.tolist()) + "]"
+        return "[" + ",".join(nested(sub) for sub in texts) + "]"
+
+    return nested(table[q])
 
 
 # --------------------------------------------------------------------------- the app
@@ -661,6 +698,23 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def unless_disconnected(request, work: Awaitable):
+    """Awaits `work`, or cancels it (its queued samples are then skipped) when the client goes away."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise ApiError(499, "client closed the connection")
+    return task.result()
+
+
 def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_body_bytes: int = 32 * 2**20, batch_wait_ms: float = 5.0, workers: int = 1, **explainer_kwargs):
     """The FastAPI app serving one model. `explainer_or_model`: an Explainer (shared, thread-safe) or
@@ -737,7 +791,7 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
     async def handle(request: Request, parse, encode):
         body = await read_body(request, max_body_bytes)
         parsed = await run_in_threadpool(parse, body, spec)
-        outputs = await batcher.submit(parsed.samples)
+        outputs = await unless_disconnected(request, batcher.submit(parsed.samples))
         return Response(await run_in_threadpool(encode, parsed, outputs, spec), media_type="application/json")
 
     @app.get("/v2/health/live")
