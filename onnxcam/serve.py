@@ -115,6 +115,8 @@ class Batcher:
             raise QueueFull("the server is not accepting work (starting or shutting down)")
         if len(samples) > self.max_queue:
             raise ApiError(413, f"{len(samples)} instances in one request; at most {self.max_queue} (--max-queue)")
+        if len(self._queue) + len(samples) > self.max_queue:  # forget samples whose request went away
+            self._queue = deque(item for item in self._queue if not item[1].done())
         if len(self._queue) + len(samples) > self.max_queue:
             raise QueueFull(f"server busy: {len(self._queue)} samples queued (--max-queue {self.max_queue})")
         futures = [self._loop.create_future() for _ in samples]
@@ -707,6 +709,9 @@ async def unless_disconnected(request, work: Awaitable):
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
     finally:
         watch.cancel()
     if not task.done():
