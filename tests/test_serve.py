@@ -142,22 +142,28 @@ def assert_healthy(client, cat_b64):
 
 
 def raw_exchange(port: int, data: bytes, read: bool = True) -> bytes:
+    """Sends raw bytes; returns one HTTP response (headers + Content-Length body), or b"" with read=False
+    (the socket is closed right after sending: a client that went away)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(data)
         if not read:
             return b""
-        chunks = []
-        while True:
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply) < _response_length(reply):
             try:
                 chunk = s.recv(65536)
             except ConnectionResetError:
                 break
             if not chunk:
                 break
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and b"}" in chunk:
-                break
-        return b"".join(chunks)
+            reply += chunk
+        return reply
+
+
+def _response_length(reply: bytes) -> int:
+    head, _, _ = reply.partition(b"\r\n\r\n")
+    m = re.search(rb"(?im)^content-length: *(\d+)", head)
+    return len(head) + 4 + (int(m.group(1)) if m else 0)
 
 
 # --------------------------------------------------------------------------- the protocols
