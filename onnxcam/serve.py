@@ -304,6 +304,8 @@ def parse_json(body: bytes) -> dict:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return payload
@@ -316,7 +318,10 @@ def decode_image(text: str, where: str) -> Image.Image:
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: not valid base64") from None
+        try:  # line-wrapped base64 (e.g. from `base64` without -w0)
+            raw = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: not valid base64") from None
     try:
         with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG")) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:

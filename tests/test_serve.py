@@ -184,7 +184,8 @@ def test_health_and_metadata(client):
 
 
 def test_v1_predict_cat_png(client, cat_b64):
-    for instance in (cat_b64, {"b64": cat_b64}, "data:image/png;base64," + cat_b64):
+    wrapped = base64.encodebytes(CAT.read_bytes()).decode()  # 76-character lines
+    for instance in (cat_b64, {"b64": cat_b64}, "data:image/png;base64," + cat_b64, wrapped):
         r = client.post(f"{V1}:predict", json={"instances": [instance]})
         assert r.status_code == 200, r.text
         (p,) = r.json()["predictions"]
@@ -263,6 +264,7 @@ BAD_V1 = [
     (b"{bad json", 400, "malformed JSON"),
     (b"[1, 2]", 400, "JSON object"),
     (b"\xff\xfe", 400, "malformed JSON"),
+    (b"[" * 100_000, 400, "malformed JSON"),
     (b'{"instance": []}', 400, "unknown field"),
     (b'{"instances": []}', 400, "at least one instance"),
     (b'{"instances": [42]}', 400, "base64 image string or a nested array"),

@@ -128,9 +128,11 @@ def run_mode(mode: str, args, body: bytes, path: str, log) -> dict:
         if warm["errors"]:
             raise SystemExit(f"warm-up failed: {warm['errors']}; see {log.name}")
         rss = {"start": rss_mb(proc.pid)}
+        load_before = os.getloadavg()[0]
         result = asyncio.run(drive(url, path, body, args.requests, args.concurrency, args.max_seconds,
                                    lambda: rss.__setitem__("middle", rss_mb(proc.pid))))
         rss["end"] = rss_mb(proc.pid)
+        load = (load_before, os.getloadavg()[0])
         metrics = httpx.get(url + "/metrics", timeout=30).text
     finally:
         stop_server(proc)
@@ -141,7 +143,7 @@ def run_mode(mode: str, args, body: bytes, path: str, log) -> dict:
     return {"mode": mode, "max_batch": max_batch, "requests": done, "ok": len(lat), "errors": result["errors"],
             "timed_out": result["timed_out"], "throughput": len(lat) / result["elapsed"],
             "p50": percentile(lat, 50) * 1000, "p99": percentile(lat, 99) * 1000,
-            "mean_batch": samples / batches if batches else float("nan"), "rss": rss}
+            "mean_batch": samples / batches if batches else float("nan"), "rss": rss, "load": load}
 
 
 def _metric(text: str, name: str) -> float:
@@ -161,19 +163,21 @@ def machine() -> str:
     import onnxruntime
 
     return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU (onnxruntime {onnxruntime.__version__} "
-            f"CPUExecutionProvider), Python {platform.python_version()}, client and server on the same cores")
+            f"CPUExecutionProvider), Python {platform.python_version()}, client and server on the same cores; "
+            f"the 1-minute load average shows what else ran on the host")
 
 
 def table(results: list[dict], args) -> str:
     rows = ["| mode | --max-batch | requests | errors | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch "
-            "| server RSS start / middle / end (MB) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| server RSS start / middle / end (MB) | host load avg before / after |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         errors = sum(r["errors"].values())
         rss = r["rss"]
         rows.append(f"| {r['mode']} | {r['max_batch']} | {r['requests']} | {errors} | {r['throughput']:.1f} | "
                     f"{r['p50']:.0f} | {r['p99']:.0f} | {r['mean_batch']:.1f} | "
-                    f"{rss['start']:.0f} / {rss.get('middle', float('nan')):.0f} / {rss['end']:.0f} |")
+                    f"{rss['start']:.0f} / {rss.get('middle', float('nan')):.0f} / {rss['end']:.0f} | "
+                    f"{r['load'][0]:.1f} / {r['load'][1]:.1f} |")
     return (f"`{args.endpoint}` requests ({args.image.name}, base64 PNG), concurrency {args.concurrency}, "
             f"--batch-wait-ms {args.batch_wait_ms}; {machine()}.\n\n" + "\n".join(rows))
 
