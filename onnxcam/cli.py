@@ -311,6 +311,59 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
               max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=list(layers) or None, method=method)
 
 
+@cli.command("evaluate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", type=click.Path())
+@click.option("--method", "method_names", multiple=True,
+              help="Method to evaluate; repeat for several [default: gradcam]. Also the controls 'random' "
+                   "(smooth noise) and 'center' (a centred Gaussian).")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--metrics", "metric_names", multiple=True,
+              help="Comma-separated or repeated [default: all]: localization, pointing, deletion, insertion, "
+                   "drop, road, occlusion.")
+@click.option("-o", "--output", "out", help="Write the per-image results to this .csv or .json file.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None),
+              help="Images per onnxruntime run (explanations and perturbed images).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, None),
+              help="Deletion/insertion steps (each changes 1/steps of the pixels).")
+@click.option("--road-percentiles", default="10,20,30,40,50,60,70,80,90", show_default=True,
+              help="ROAD's percentiles (pytorch-grad-cam's default).")
+@click.option("--limit", type=click.IntRange(1, None), help="Evaluate only the first N samples.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the 'random' maps and ROAD's noise.")
+@click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
+@click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
+def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_size, steps, road_percentiles, limit,
+                 seed, preset, size):
+    """Score explanations of MODEL on the images in DATA: localization (boxes), pointing game (masks),
+    deletion/insertion, Average Drop / Increase in Confidence, ROAD, faithfulness to occlusion.
+    DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
+    docs/evaluation.md. Prints a summary table per method."""
+    from . import evaluate as ev
+
+    names = [m.strip() for item in metric_names for m in item.split(",") if m.strip()] or None
+    percentiles = _parse_floats(road_percentiles, "road-percentiles")
+    if any(not 0 < p < 100 for p in percentiles):
+        _fail(f"--road-percentiles must lie strictly between 0 and 100, got '{road_percentiles}'")
+    methods_list = list(dict.fromkeys(method_names)) or ["gradcam"]
+    if out:
+        ev.check_output(out, [model])
+    if not os.path.exists(data):
+        _fail(f"data not found: {data}")
+    evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,
+                             steps=steps, seed=seed, road_percentiles=percentiles, preset=preset,
+                             size=_parse_size(size))
+    samples = ev.load_dataset(data, evaluator.labels)[:limit]
+    with click.progressbar(length=len(samples) * len(methods_list), label="evaluating", file=sys.stderr) as bar:
+        result = evaluator.run(samples, bar.update)
+    if out:
+        result.write(out, {"model": str(model), "data": str(data), "methods": methods_list,
+                           "metrics": evaluator.metrics, "steps": steps, "road_percentiles": percentiles,
+                           "seed": seed})
+    click.echo(result.table())
+    if out:
+        click.echo(f"wrote {out}")
+
+
 @cli.command()
 def ops():
     """List the ONNX ops that have a gradient rule."""
