@@ -365,10 +365,14 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
 
 
 @cli.command()
-def ops():
+@click.option("--markdown", is_flag=True, help="The coverage table of docs/ops.md.")
+def ops(markdown):
     """List the ONNX ops that have a gradient rule."""
-    from .rules import supported_ops
+    from .rules import coverage_markdown, supported_ops
 
+    if markdown:
+        click.echo(coverage_markdown(), nl=False)
+        return
     for op in supported_ops():
         click.echo(op)
 

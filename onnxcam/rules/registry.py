@@ -41,6 +41,18 @@ def supported_ops() -> list[str]:
     return sorted(op if not dom else f"{dom}.{op}" for dom, op in RULES)
 
 
+def coverage_markdown() -> str:
+    """The operator-coverage table for the docs, generated from the registry itself."""
+    rows = ["| op | rule | module | what the backward does |", "|---|---|---|---|"]
+    for dom, op in sorted(RULES, key=lambda k: (k[0], k[1].lower())):
+        fn = RULES[(dom, op)]
+        doc = (fn.__doc__ or "").strip().splitlines()
+        summary = doc[0].rstrip(".").replace("|", "\\|") if doc else ""
+        name = op if not dom else f"{dom}.{op}"
+        rows.append(f"| {name} | `{fn.__name__}` | `{fn.__module__.rsplit('.', 1)[-1]}` | {summary} |")
+    return "\n".join(rows) + "\n"
+
+
 @dataclass
 class Context:
     view: ModelView
