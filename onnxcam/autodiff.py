@@ -26,6 +26,10 @@ NON_DIFFERENTIABLE = {
 }
 
 
+# Integer outputs that still carry a gradient: quantised values, differentiated straight through.
+STRAIGHT_THROUGH = {"QuantizeLinear"}
+
+
 def _is_float(view: ModelView, name: str) -> bool:
     return view.elem_type(name) in FLOAT_TYPES
 
@@ -38,7 +42,7 @@ def active_tensors(view: ModelView, of: str, wrt: Sequence[str]) -> set[str]:
             continue
         if any(i in forward for i in node.input if i):
             for o in node.output:
-                if o and _is_float(view, o):
+                if o and (_is_float(view, o) or node.op_type in STRAIGHT_THROUGH):
                     forward.add(o)
     backward: set[str] = set()
     stack = [of]
