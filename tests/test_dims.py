@@ -25,4 +25,6 @@ def test_grad_cam_on_1d_and_3d_convnets(tmp_path, dim, shape):
     ref = LayerGradCam(net, net[3]).attribute(x, target=[1, 2], relu_attributions=True).detach().numpy()[:, 0]
     assert e.maps.shape == ref.shape and e.heatmaps.shape == (2, *shape[2:])
     assert np.linalg.norm(e.maps - ref) / np.linalg.norm(ref) < 1e-4
-    assert e.heatmaps.min() >= 0 and np.allclose(e.heatmaps.max(axis=tuple(range(1, dim + 1))), 1, atol=0.05)
+    live = e.maps.reshape(2, -1).max(axis=1) > 0  # a random net's ReLU can leave a map all zero
+    peaks = e.heatmaps.reshape(2, -1).max(axis=1)
+    assert e.heatmaps.min() >= 0 and np.allclose(peaks[live], 1, atol=0.05) and np.all(peaks[~live] == 0)
