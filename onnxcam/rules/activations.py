@@ -107,6 +107,7 @@ def _relu_family(ctx: Context, g: str, local: Callable[[], Optional[str]]) -> st
 
 @register("Relu")
 def relu(ctx: Context, gy):
+    """gx = gy * [x > 0]; guided: gy * [x > 0] * [gy > 0]; deconvnet: ReLU(gy)."""
     x = ctx.input(0)
     return _only_first(ctx, _relu_family(ctx, gy[0], lambda: _mask(ctx, "Greater", x, _k(ctx, 0.0, x), x)))
 
@@ -123,6 +124,12 @@ def _clip_bounds(ctx: Context) -> tuple[Optional[str], Optional[str], bool]:
 
 @register("Clip")
 def clip(ctx: Context, gy):
+    """gx = gy * [min < x < max]; gmin = gy * [x < min] * [min < max]; gmax = gy * [x > max or min > max].
+
+    An absent bound is no bound. guided / deconvnet change gx as for Relu (guided: ReLU(gy) * [min < x < max];
+    deconvnet: ReLU(gy)); gmin / gmax (bounds as inputs, opset >= 11) are always the true gradient, summed
+    over the bound's broadcast axes.
+    """
     x, g = ctx.input(0), gy[0]
     lo, hi, as_inputs = _clip_bounds(ctx)
     out: list = [None] * len(ctx.node.input)
@@ -155,6 +162,7 @@ def clip(ctx: Context, gy):
 
 @register("LeakyRelu")
 def leaky_relu(ctx: Context, gy):
+    """gx = gy * (1 if x > 0 else alpha); guided: ReLU(gy) * (1 if x > 0 else alpha); deconvnet: ReLU(gy)."""
     x = ctx.input(0)
     alpha = float(ctx.attr("alpha", 0.01))
 
@@ -167,6 +175,10 @@ def leaky_relu(ctx: Context, gy):
 
 @register("PRelu")
 def prelu(ctx: Context, gy):
+    """gx = gy * (1 if x > 0 else slope); gslope = gy * x * [x <= 0] summed over slope's broadcast axes.
+
+    guided / deconvnet change gx only (guided: ReLU(gy) * local slope; deconvnet: ReLU(gy)).
+    """
     x, slope, g = ctx.input(0), ctx.input(1), gy[0]
     out: list = [None, None]
     state: dict = {}
@@ -189,6 +201,7 @@ def prelu(ctx: Context, gy):
 
 @register("HardSwish")
 def hard_swish(ctx: Context, gy):
+    """gx = gy * (0 if x <= -3, x/3 + 1/2 if -3 < x < 3, 1 if x >= 3); guided/deconvnet as for LeakyRelu."""
     x = ctx.input(0)
 
     def local():  # [-3 < x < 3] * (x/3 + 1/2) + [x >= 3]
@@ -215,6 +228,7 @@ def _exp_linear(ctx: Context, gy, pos_scale: float, neg_local: Callable[[str], s
 
 @register("Elu")
 def elu(ctx: Context, gy):
+    """gx = gy * (1 if x > 0 else y + alpha = alpha * e^x); guided/deconvnet as for LeakyRelu."""
     # x <= 0: y = alpha (e^x - 1), so dy/dx = alpha e^x = y + alpha.
     alpha = float(ctx.attr("alpha", 1.0))
     return _exp_linear(ctx, gy, 1.0, lambda y: ctx.op("Add", [y, _k(ctx, alpha, y)]))
@@ -222,6 +236,7 @@ def elu(ctx: Context, gy):
 
 @register("Selu")
 def selu(ctx: Context, gy):
+    """gx = gy * (gamma if x > 0 else y + gamma * alpha); guided/deconvnet as for LeakyRelu."""
     # x <= 0: y = gamma alpha (e^x - 1), so dy/dx = y + gamma alpha; x > 0: gamma.
     alpha = float(ctx.attr("alpha", _SELU_ALPHA))
     gamma = float(ctx.attr("gamma", _SELU_GAMMA))
@@ -230,6 +245,7 @@ def selu(ctx: Context, gy):
 
 @register("Celu")
 def celu(ctx: Context, gy):
+    """gx = gy * (1 if x > 0 else y / alpha + 1 = e^(x/alpha)); guided/deconvnet as for LeakyRelu."""
     # x <= 0: y = alpha (e^(x/alpha) - 1), so dy/dx = e^(x/alpha) = y / alpha + 1.
     alpha = float(ctx.attr("alpha", 1.0))
     return _exp_linear(ctx, gy, 1.0, lambda y: ctx.op("Add", [ctx.op("Mul", [y, _k(ctx, 1.0 / alpha, y)]),
@@ -238,6 +254,7 @@ def celu(ctx: Context, gy):
 
 @register("ThresholdedRelu")
 def thresholded_relu(ctx: Context, gy):
+    """gx = gy * [x > alpha]; guided: ReLU(gy) * [x > alpha]; deconvnet: ReLU(gy)."""
     x = ctx.input(0)
     alpha = float(ctx.attr("alpha", 1.0))
     return _only_first(ctx, _relu_family(ctx, gy[0], lambda: _mask(ctx, "Greater", x, _k(ctx, alpha, x), x)))
@@ -247,18 +264,21 @@ def thresholded_relu(ctx: Context, gy):
 
 @register("Sigmoid")
 def sigmoid(ctx: Context, gy):
+    """gx = gy * y * (1 - y)."""
     y = ctx.output(0)
     return _only_first(ctx, _mul(ctx, gy[0], y, _one_minus(ctx, y, y)))
 
 
 @register("Tanh")
 def tanh(ctx: Context, gy):
+    """gx = gy * (1 - y^2)."""
     y = ctx.output(0)
     return _only_first(ctx, ctx.op("Mul", [gy[0], _one_minus(ctx, ctx.op("Mul", [y, y]), y)]))
 
 
 @register("HardSigmoid")
 def hard_sigmoid(ctx: Context, gy):
+    """gx = gy * alpha * [0 < y < 1]."""
     y = ctx.output(0)
     alpha = float(ctx.attr("alpha", 0.2))
     inside = ctx.op("And", [ctx.op("Greater", [y, _k(ctx, 0.0, y)]), ctx.op("Less", [y, _k(ctx, 1.0, y)])])
@@ -274,12 +294,17 @@ def _gauss(ctx: Context, x: str, scale: float, inv_var: float) -> str:
 
 @register("Erf")
 def erf(ctx: Context, gy):
+    """gx = gy * 2/sqrt(pi) * exp(-x^2)."""
     x = ctx.input(0)
     return _only_first(ctx, ctx.op("Mul", [gy[0], _gauss(ctx, x, 2.0 / math.sqrt(math.pi), 2.0)]))
 
 
 @register("Gelu")
 def gelu(ctx: Context, gy):
+    """gx = gy * (Phi(x) + x * phi(x)); approximate='tanh': the derivative of x/2 * (1 + tanh(c (x + k x^3))).
+
+    Phi / phi are the standard normal CDF / density; c = sqrt(2/pi), k = 0.044715.
+    """
     x = ctx.input(0)
     approx = ctx.attr("approximate", "none")
     approx = approx.decode() if isinstance(approx, bytes) else str(approx)
@@ -305,11 +330,13 @@ def gelu(ctx: Context, gy):
 
 @register("Softplus")
 def softplus(ctx: Context, gy):
+    """gx = gy * Sigmoid(x)."""
     return _only_first(ctx, ctx.op("Mul", [gy[0], ctx.op("Sigmoid", [ctx.input(0)])]))
 
 
 @register("Softsign")
 def softsign(ctx: Context, gy):
+    """gx = gy / (1 + Abs(x))^2."""
     x = ctx.input(0)
     d = ctx.op("Add", [ctx.op("Abs", [x]), _k(ctx, 1.0, x)])
     return _only_first(ctx, ctx.op("Div", [gy[0], ctx.op("Mul", [d, d])]))
@@ -317,6 +344,7 @@ def softsign(ctx: Context, gy):
 
 @register("Mish")
 def mish(ctx: Context, gy):
+    """gx = gy * (t + x * (1 - t^2) * Sigmoid(x)), t = Tanh(Softplus(x))."""
     # y = x tanh(sp(x)), sp = softplus: y' = t + x (1 - t^2) sigmoid(x)
     x = ctx.input(0)
     t = ctx.op("Tanh", [ctx.op("Softplus", [x])])
@@ -328,33 +356,39 @@ def mish(ctx: Context, gy):
 
 @register("Exp")
 def exp(ctx: Context, gy):
+    """gx = gy * y."""
     return _only_first(ctx, ctx.op("Mul", [gy[0], ctx.output(0)]))
 
 
 @register("Log")
 def log(ctx: Context, gy):
+    """gx = gy / x."""
     return _only_first(ctx, ctx.op("Div", [gy[0], ctx.input(0)]))
 
 
 @register("Sqrt")
 def sqrt(ctx: Context, gy):
+    """gx = gy * 0.5 / y."""
     y = ctx.output(0)
     return _only_first(ctx, ctx.op("Div", [ctx.op("Mul", [gy[0], _k(ctx, 0.5, y)]), y]))
 
 
 @register("Reciprocal")
 def reciprocal(ctx: Context, gy):
+    """gx = -gy * y^2."""
     y = ctx.output(0)  # d(1/x)/dx = -1/x^2 = -y^2
     return _only_first(ctx, ctx.op("Neg", [_mul(ctx, gy[0], y, y)]))
 
 
 @register("Neg")
 def neg(ctx: Context, gy):
+    """gx = -gy."""
     return _only_first(ctx, ctx.op("Neg", [gy[0]]))
 
 
 @register("Abs")
 def abs_(ctx: Context, gy):
+    """gx = gy * Sign(x) (0 at x == 0)."""
     x = ctx.input(0)
     if ctx.opset >= 9:
         sign = ctx.op("Sign", [x])
@@ -366,9 +400,11 @@ def abs_(ctx: Context, gy):
 
 @register("Sin")
 def sin(ctx: Context, gy):
+    """gx = gy * Cos(x)."""
     return _only_first(ctx, ctx.op("Mul", [gy[0], ctx.op("Cos", [ctx.input(0)])]))
 
 
 @register("Cos")
 def cos(ctx: Context, gy):
+    """gx = -gy * Sin(x)."""
     return _only_first(ctx, ctx.op("Neg", [ctx.op("Mul", [gy[0], ctx.op("Sin", [ctx.input(0)])])]))

@@ -33,6 +33,7 @@ def _k(ctx: Context, value: float, like: str) -> str:
 
 @register("Add", "Sum")
 def add(ctx: Context, gy):
+    """gA, gB, ... = gy summed over each operand's broadcast axes (Add, and Sum with any number of inputs)."""
     out = _none(ctx)
     for i, name in enumerate(ctx.node.input):
         if ctx.needs[i]:
@@ -42,6 +43,7 @@ def add(ctx: Context, gy):
 
 @register("Mean")
 def mean(ctx: Context, gy):
+    """g_i = gy / n summed over operand i's broadcast axes, n = number of inputs."""
     out = _none(ctx)
     g = ctx.op("Div", [gy[0], _k(ctx, float(len(ctx.node.input)), ctx.output(0))])
     for i, name in enumerate(ctx.node.input):
@@ -52,6 +54,7 @@ def mean(ctx: Context, gy):
 
 @register("Sub")
 def sub(ctx: Context, gy):
+    """gA = gy, gB = -gy, each summed over its operand's broadcast axes."""
     a, b = ctx.input(0), ctx.input(1)
     out = _none(ctx)
     if ctx.needs[0]:
@@ -63,6 +66,7 @@ def sub(ctx: Context, gy):
 
 @register("Mul")
 def mul(ctx: Context, gy):
+    """gA = gy * B, gB = gy * A, each summed over its operand's broadcast axes."""
     a, b = ctx.input(0), ctx.input(1)
     out = _none(ctx)
     if ctx.needs[0]:
@@ -74,6 +78,7 @@ def mul(ctx: Context, gy):
 
 @register("Div")
 def div(ctx: Context, gy):
+    """gA = gy / B, gB = -(gy / B) * y, each summed over its operand's broadcast axes."""
     # y = a / b: da = gy / b, db = -gy a / b^2 = -(gy / b) y
     a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
     out = _none(ctx)
@@ -87,6 +92,11 @@ def div(ctx: Context, gy):
 
 @register("Pow")
 def pow_(ctx: Context, gy):
+    """gbase = gy * e * base^(e - 1); gexp = gy * y * ln(base), 0 where base == 0; each unbroadcast.
+
+    A constant scalar exponent is folded at build time. Only a float exponent gets a gradient; the
+    base == 0 guard needs opset >= 11 (Where / Equal on floats).
+    """
     a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
     g = gy[0]
     out = _none(ctx)
@@ -139,16 +149,19 @@ def _select(ctx: Context, gy, cmp: str) -> list:
 
 @register("Max")
 def max_(ctx: Context, gy):
+    """g_i = gy * [x_i == y] / (number of operands equal to y), summed over operand i's broadcast axes."""
     return _select(ctx, gy, "Less")
 
 
 @register("Min")
 def min_(ctx: Context, gy):
+    """g_i = gy * [x_i == y] / (number of operands equal to y), summed over operand i's broadcast axes."""
     return _select(ctx, gy, "Greater")
 
 
 @register("Where")
 def where(ctx: Context, gy):
+    """gX = Where(cond, gy, 0), gY = Where(cond, 0, gy), each summed over its broadcast axes; cond gets none."""
     cond, x, z = ctx.input(0), ctx.input(1), ctx.input(2)
     out = _none(ctx)
     zero = _k(ctx, 0.0, ctx.output(0))
@@ -161,6 +174,7 @@ def where(ctx: Context, gy):
 
 @register("Expand")
 def expand(ctx: Context, gy):
+    """gx = gy summed over the axes Expand broadcast x along."""
     out = _none(ctx)
     if ctx.needs[0]:
         out[0] = ctx.unbroadcast(gy[0], ctx.input(0))
@@ -169,6 +183,7 @@ def expand(ctx: Context, gy):
 
 @register("Tile")
 def tile(ctx: Context, gy):
+    """gx = gy viewed as (r0, d0, r1, d1, ...) and summed over the repeat axes r_i."""
     # y has shape (r0 d0, r1 d1, ...) laid out tile-major per axis: view it as (r0, d0, r1, d1, ...)
     # and sum over the r axes.
     x, reps = ctx.input(0), ctx.input(1)

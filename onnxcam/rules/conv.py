@@ -166,6 +166,12 @@ def _spatial_shape_of_tensor(ctx: Context, t: str) -> str:
 # --------------------------------------------------------------------------------------------------
 @register("Conv")
 def conv(ctx: Context, gy):
+    """gx = ConvTranspose(gy, W) with the forward's strides, dilations, group and explicit pads + output_padding.
+
+    auto_pad is resolved to explicit pads first. When sizes are symbolic (or output_padding would be out of
+    range): ConvTranspose without pads, sliced to [pad_begin, pad_begin + in) and zero-padded at the end.
+    W and B get no gradient.
+    """
     x, w, y = ctx.input(0), ctx.input(1), ctx.output(0)
     result: list = [None] * len(ctx.node.input)
     if not ctx.needs[0]:
@@ -205,8 +211,9 @@ def _conv_transpose_pads(ctx: Context, x: str, y: str, kernel, strides, dilation
 
 @register("ConvTranspose")
 def conv_transpose(ctx: Context, gy):
-    """y = ConvTranspose(x, W) is the adjoint of Conv(., W) with the same attributes, so gx = Conv(gy, W).
+    """gx = Conv(gy, W) with the forward's strides, dilations, group and resolved pads (sliced to x's size).
 
+    y = ConvTranspose(x, W) is the adjoint of Conv(., W) with the same attributes, so gx = Conv(gy, W).
     The ConvTranspose weight layout (C_in, C_out/group, k...) is exactly a Conv weight from C_out/group
     channels per group to C_in channels, so W is used as is.
     """
@@ -234,8 +241,9 @@ def conv_transpose(ctx: Context, gy):
 # --------------------------------------------------------------------------------------------------
 @register("MaxPool")
 def max_pool(ctx: Context, gy):
-    """Scatter-add of gy to the argmax of each window, located by MaxPool's own Indices output.
+    """gx = ScatterElements(0, Indices, gy, reduction='add'): each window's gradient to its argmax.
 
+    Scatter-add of gy to the argmax of each window, located by MaxPool's own Indices output.
     Exact with overlapping windows (duplicates add up, unlike MaxUnpool). Indices are flat over the
     whole N*C*spatial tensor; with storage_order=1 the spatial part is column-major and is converted.
     """
@@ -366,6 +374,7 @@ def average_pool(ctx: Context, gy):
 
 @register("GlobalAveragePool")
 def global_average_pool(ctx: Context, gy):
+    """gx = gy / (number of spatial positions), broadcast over the spatial axes."""
     x = ctx.input(0)
     g = ctx.op("Div", [gy[0], spatial_count(ctx, x)])
     return [ctx.op("Expand", [g, ctx.emit.shape_of(x)])]
@@ -373,8 +382,11 @@ def global_average_pool(ctx: Context, gy):
 
 @register("GlobalMaxPool")
 def global_max_pool(ctx: Context, gy):
-    """All of gy[n, c] goes to the first (row-major) position of the channel's maximum (ArgMax's choice,
-    also what onnxruntime's MaxPool Indices and PyTorch pick); ties are not split."""
+    """gx[n, c] = gy[n, c] at the first (row-major) argmax of x[n, c], 0 elsewhere; ties are not split.
+
+    All of gy[n, c] goes to the first (row-major) position of the channel's maximum (ArgMax's choice,
+    also what onnxruntime's MaxPool Indices and PyTorch pick).
+    """
     x = ctx.input(0)
     emit = ctx.emit
     flat = ctx.op("Reshape", [x, emit.ints([0, 0, -1])])
@@ -396,6 +408,7 @@ def _channel_view(ctx: Context, v: str, rank: int) -> str:
 
 @register("BatchNormalization")
 def batch_normalization(ctx: Context, gy):
+    """gx = gy * scale / sqrt(var + epsilon), per channel (inference mode: the statistics are constants)."""
     x, scale, var = ctx.input(0), ctx.input(1), ctx.input(4)
     result: list = [None] * len(ctx.node.input)
     if not ctx.needs[0] or gy[0] is None:
@@ -453,6 +466,11 @@ def _normalised_grad(ctx: Context, x: str, gs: str, axes: Sequence[int], eps: fl
 
 @register("LayerNormalization")
 def layer_normalization(ctx: Context, gy):
+    """gx = invstd * (gs - mean(gs) - xhat * mean(gs * xhat)), gs = gy * scale, over axes axis..rank-1.
+
+    Gradients reaching the optional Mean / InvStdDev outputs add gMean / n and
+    -invstd^2 * xhat * gInvStdDev / n.
+    """
     x, scale = ctx.input(0), ctx.input(1)
     result: list = [None] * len(ctx.node.input)
     if not ctx.needs[0]:
@@ -476,6 +494,7 @@ def layer_normalization(ctx: Context, gy):
 
 @register("InstanceNormalization")
 def instance_normalization(ctx: Context, gy):
+    """gx = invstd * (gs - mean(gs) - xhat * mean(gs * xhat)), gs = gy * scale[c], over the spatial axes."""
     x, scale = ctx.input(0), ctx.input(1)
     result: list = [None] * len(ctx.node.input)
     if not ctx.needs[0] or gy[0] is None:
@@ -488,7 +507,10 @@ def instance_normalization(ctx: Context, gy):
 
 @register("GroupNormalization")
 def group_normalization(ctx: Context, gy):
-    """Statistics over (C/G, spatial...) per group; the scale is per group at opset 18 (per channel from 21)."""
+    """gx = invstd * (gs - mean(gs) - xhat * mean(gs * xhat)) per group of C/G channels, gs = gy * scale.
+
+    Statistics over (C/G, spatial...) per group; the scale is per group at opset 18 (per channel from 21).
+    """
     x, scale = ctx.input(0), ctx.input(1)
     result: list = [None] * len(ctx.node.input)
     if not ctx.needs[0] or gy[0] is None:
@@ -518,7 +540,9 @@ def _str_attr(ctx: Context, name: str, default: str) -> str:
 
 @register("Resize", "Upsample")
 def resize(ctx: Context, gy):
-    """Resize is linear in X and separable over axes (nearest, linear, cubic, antialias alike), so
+    """gx = M_a^T applied to gy along each resized axis a; M_a (out_a x in_a) = the node's own Resize of an identity.
+
+    Resize is linear in X and separable over axes (nearest, linear, cubic, antialias alike), so
     gx = gy contracted, axis by axis, with the 1-D interpolation matrix M_a (out_a x in_a) of each resized
     axis. M_a is not re-derived from the coordinate-transformation formulas: it is obtained by running the
     node's own Resize (same mode and attributes) on an identity matrix laid out as (in_a, 1, .., in_a, .., 1)
@@ -639,8 +663,10 @@ def _where_const(ctx: Context, mask: np.ndarray, values: str, default: np.ndarra
 # --------------------------------------------------------------------------------------------------
 @register("LpNormalization")
 def lp_normalization(ctx: Context, gy):
-    """y = x / ||x||_p along `axis` (p = 1 or 2): gx = (g - s * sum(g * y)) / ||x||_p with s = y for p = 2
-    and s = sign(x) for p = 1."""
+    """gx = (gy - s * sum(gy * y)) / N(x) along axis; p = 2: s = y, N = L2 norm; p = 1: s = Sign(x), N = L1 norm.
+
+    y = x / N(x) along `axis` with N the L_p norm (p = 1 or 2).
+    """
     x, y = ctx.input(0), ctx.output(0)
     if gy[0] is None:
         return [None]
@@ -668,7 +694,9 @@ def _channel_window_sum(ctx: Context, t: str, size: int, before: int, after: int
 
 @register("LRN")
 def lrn(ctx: Context, gy):
-    """y = x * d^-beta, d = bias + alpha/size * S, S = channel-window sum of x^2 (window from
+    """gx = gy * d^-beta - 2 alpha beta / size * x * S^T(gy * x * d^(-beta-1)), d = bias + alpha/size * S(x^2).
+
+    y = x * d^-beta, d = bias + alpha/size * S, S = channel-window sum of x^2 (window from
     c - floor((size-1)/2) to c + ceil((size-1)/2)); its adjoint is the mirrored window sum:
     gx = g * d^-beta - 2 alpha beta / size * x * S^T(g * x * d^(-beta-1))."""
     x = ctx.input(0)

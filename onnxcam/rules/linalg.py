@@ -9,6 +9,7 @@ from .shape import const_ints, no_grads, norm_axis, static_dim
 
 @register("Gemm")
 def gemm(ctx: Context, gy):
+    """gA = alpha * gy op(B)^T, gB = alpha * op(A)^T gy (transposed per transA/B), gC = beta * unbroadcast(gy)."""
     # Y = alpha * op(A) op(B) + beta * C, op() transposing when transA / transB is set.
     a, b = ctx.input(0), ctx.input(1)
     alpha = float(ctx.attr("alpha", 1.0))
@@ -65,6 +66,7 @@ def _matmul_operand_grad(ctx: Context, g: str, operand: str, expanded: str, mine
 
 @register("MatMul")
 def matmul(ctx: Context, gy):
+    """gA = gy @ B^T, gB = A^T @ gy, each summed over its broadcast batch axes (1-D operands promoted as numpy)."""
     a, b = ctx.input(0), ctx.input(1)
     ra, rb = ctx.rank(a), ctx.rank(b)
     g = gy[0]
@@ -131,6 +133,11 @@ def _keep(ctx: Context, t: str, axes: list[int], rank: int) -> str:
 @register("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
           "ReduceLogSumExp", "ReduceMax", "ReduceMin")
 def reduce(ctx: Context, gy):
+    """gx = gy * (Sum 1, Mean 1/n, SumSquare 2x, L1 Sign(x), L2 x/y, LogSum e^-y, LogSumExp e^(x-y), Max/Min [x==y]/k).
+
+    gy is broadcast back over the reduced axes (restored as size 1 when keepdims=0). ReduceL2: 0 where
+    y == 0. ReduceMax / ReduceMin: k = number of elements equal to y, so tied extremes share gy equally.
+    """
     op = ctx.node.op_type
     x, y = ctx.input(0), ctx.output(0)
     rank = ctx.rank(x)
@@ -186,6 +193,7 @@ def _softmax_axes(ctx: Context, rank: int) -> list[int]:
 
 @register("Softmax")
 def softmax(ctx: Context, gy):
+    """gx = y * (gy - sum(gy * y)) over the softmax axis (axis..rank-1 before opset 13)."""
     x, y = ctx.input(0), ctx.output(0)
     axes = _softmax_axes(ctx, ctx.rank(x))
     g = gy[0]
@@ -195,6 +203,7 @@ def softmax(ctx: Context, gy):
 
 @register("LogSoftmax")
 def log_softmax(ctx: Context, gy):
+    """gx = gy - exp(y) * sum(gy) over the softmax axis (axis..rank-1 before opset 13)."""
     x, y = ctx.input(0), ctx.output(0)
     axes = _softmax_axes(ctx, ctx.rank(x))
     g = gy[0]
@@ -231,6 +240,11 @@ def _einsum_terms(ctx: Context) -> tuple[list[str], str, set[str]]:
 
 @register("Einsum")
 def einsum(ctx: Context, gy):
+    """gX_i = Einsum(gy, X_j for j != i -> term_i); letters summed away only in term_i come back by Expand.
+
+    '...' dims where X_i has size 1 but the others do not are summed back. Repeated letters within one
+    term (diagonals) are not supported.
+    """
     # d/dX_i of einsum(X_1..X_n -> Y) is einsum(gY, X_j (j != i) -> term_i), for terms without repeated
     # letters; letters summed away only inside term_i come back through Expand.
     terms, rhs, ell = _einsum_terms(ctx)

@@ -167,12 +167,14 @@ def normalized_indices(ctx: Context, idx: str, n: str, n_static: int | None) -> 
 
 @register("Identity", "Dropout")
 def identity(ctx: Context, gy):
+    """gx = gy (Identity; Dropout at inference, whose mask output carries no gradient)."""
     # Dropout in an inference graph is the identity; its mask output carries no gradient.
     return first_only(ctx, gy[0])
 
 
 @register("Flatten", "Reshape", "Squeeze", "Unsqueeze")
 def reshape_like(ctx: Context, gy):
+    """gx = Reshape(gy, Shape(x)) (Flatten, Reshape, Squeeze, Unsqueeze keep the element order)."""
     # Same elements in the same order: reshape back. Covers the attribute (< 13) and input forms of axes.
     x = ctx.input(0)
     return first_only(ctx, ctx.op("Reshape", [gy[0], ctx.emit.shape_of(x)]))
@@ -180,6 +182,7 @@ def reshape_like(ctx: Context, gy):
 
 @register("Cast", "CastLike")
 def cast(ctx: Context, gy):
+    """gx = Cast(gy, to=x's type) when x is float, else no gradient (Cast, CastLike)."""
     x = ctx.input(0)
     to = ctx.view.elem_type(x)
     if to not in FLOAT_TYPES:
@@ -191,6 +194,7 @@ def cast(ctx: Context, gy):
 
 @register("Transpose")
 def transpose(ctx: Context, gy):
+    """gx = Transpose(gy, inverse of perm)."""
     x = ctx.input(0)
     perm = ctx.attr("perm")
     if perm is None:
@@ -203,6 +207,7 @@ def transpose(ctx: Context, gy):
 
 @register("DepthToSpace")
 def depth_to_space(ctx: Context, gy):
+    """gx = SpaceToDepth(gy) for mode DCR; CRD: gy reshaped and transposed by the inverse permutation."""
     b = int(ctx.attr("blocksize"))
     mode = ctx.attr("mode", b"DCR")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -221,6 +226,7 @@ def depth_to_space(ctx: Context, gy):
 
 @register("SpaceToDepth")
 def space_to_depth(ctx: Context, gy):
+    """gx = DepthToSpace(gy, blocksize, mode DCR), the inverse permutation."""
     # SpaceToDepth is exactly the inverse permutation of DepthToSpace in DCR mode (the default).
     b = int(ctx.attr("blocksize"))
     return first_only(ctx, ctx.op("DepthToSpace", [gy[0]], blocksize=b))
@@ -230,6 +236,7 @@ def space_to_depth(ctx: Context, gy):
 
 @register("Concat")
 def concat(ctx: Context, gy):
+    """g_i = Slice(gy, offset_i, offset_i + size_i) along the concat axis."""
     rank = ctx.rank(ctx.input(0))
     axis = norm_axis(ctx.attr("axis"), rank)
     out = no_grads(ctx)
@@ -252,6 +259,7 @@ def concat(ctx: Context, gy):
 
 @register("Split")
 def split(ctx: Context, gy):
+    """gx = Concat(gy_0, gy_1, ...) along the split axis, zeros for outputs that got no gradient."""
     # Whatever the form of the sizes (attribute, input, num_outputs), the outputs have them: concatenate
     # the output gradients back, zeros for outputs no gradient reached.
     x = ctx.input(0)
@@ -300,6 +308,7 @@ def _scatter_axis(ctx: Context, g: str, axis: int, rank: int, positions: str, di
 
 @register("Slice")
 def slice_(ctx: Context, gy):
+    """gx = gy put back at the sliced positions, 0 elsewhere (Pad, flip for negative steps, or ScatterElements)."""
     x = ctx.input(0)
     rank = ctx.rank(x)
     dtype = ctx.dtype(x)
@@ -378,6 +387,7 @@ def slice_(ctx: Context, gy):
 
 @register("Gather")
 def gather(ctx: Context, gy):
+    """gx = zeros with gy scatter-added at the gathered indices along axis (repeated indices add up)."""
     out = no_grads(ctx)
     if not ctx.needs[0]:
         return out
@@ -394,6 +404,7 @@ def gather(ctx: Context, gy):
 
 @register("GatherElements")
 def gather_elements(ctx: Context, gy):
+    """gx = ScatterElements(zeros, indices, gy, axis, reduction='add') (one-hot sum before opset 16)."""
     out = no_grads(ctx)
     if not ctx.needs[0]:
         return out
@@ -423,6 +434,11 @@ def gather_elements(ctx: Context, gy):
 
 @register("Pad")
 def pad(ctx: Context, gy):
+    """constant mode: gx = Pad(gy, -pads), gvalue = sum(gy) - sum(gx); reflect/edge/wrap: scatter-add to sources.
+
+    reflect / edge / wrap: each padded axis is a Gather with the constant index map np.pad(arange(dim)), so
+    gy is scatter-added back through that map (axis by axis).
+    """
     x = ctx.input(0)
     rank = ctx.rank(x)
     mode = ctx.attr("mode", b"constant")
