@@ -374,7 +374,7 @@ def check_class(k: int, spec: ModelSpec, where: str) -> int:
     n = spec.explainer.num_classes
     if k < 0 or (n is not None and k >= n):
         limit = f": the model has {n} classes (0..{n - 1})" if n is not None else ""
-        raise ApiError(400, f"{where}: target {k} is out of range{limit}")
+        raise ApiError(400, f"{where}: class {k} is out of range{limit}")
     return k
 
 

@@ -287,7 +287,7 @@ def test_bad_v1_requests(client, body, status, message):
 
 
 @pytest.mark.parametrize("target, message", [
-    (1000, "target 1000 is out of range: the model has 1000 classes (0..999)"), (-3, "out of range"),
+    (1000, "target: class 1000 is out of range: the model has 1000 classes (0..999)"), (-3, "out of range"),
     ("no such class", "matches no class label"), (1.5, "class index or label"), (True, "class index or label")])
 def test_bad_v1_targets(client, cat_b64, target, message):
     for body in ({"instances": [cat_b64], "target": target}, {"instances": [{"b64": cat_b64, "target": target}]}):
@@ -311,7 +311,7 @@ def test_bad_v2_requests(client, cat_b64, cat_x):
         ({"inputs": [dict(image, data=["x"] * 150528)]}, "data must be numbers"),
         ({"inputs": [dict(image, shape=[1, 3, 224, -224])]}, "non-negative integers"),
         ({"inputs": [image, {"name": "target", "datatype": "INT64", "shape": [1], "data": [5000]}]},
-         "target 5000 is out of range"),
+         "class 5000 is out of range"),
         ({"inputs": [image, {"name": "target", "datatype": "FP32", "shape": [1], "data": [3.0]}]}, "expected INT64"),
         ({"inputs": [image, {"name": "target", "datatype": "INT64", "shape": [2], "data": [1, 2]}]}, "shape [2]"),
         ({"inputs": [image, image]}, "given twice"),
