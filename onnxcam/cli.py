@@ -328,12 +328,14 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
               help="Deletion/insertion steps (each changes 1/steps of the pixels).")
 @click.option("--road-percentiles", default="10,20,30,40,50,60,70,80,90", show_default=True,
               help="ROAD's percentiles (pytorch-grad-cam's default).")
+@click.option("--loc-threshold", default=0.15, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Localization keeps the map above this fraction of its maximum (the Grad-CAM paper's 15%).")
 @click.option("--limit", type=click.IntRange(1, None), help="Evaluate only the first N samples.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the 'random' maps and ROAD's noise.")
 @click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
 @click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
-def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_size, steps, road_percentiles, limit,
-                 seed, preset, size):
+def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_size, steps, road_percentiles,
+                 loc_threshold, limit, seed, preset, size):
     """Score explanations of MODEL on the images in DATA: localization (boxes), pointing game (masks),
     deletion/insertion, Average Drop / Increase in Confidence, ROAD, faithfulness to occlusion.
     DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
@@ -350,15 +352,15 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
     if not os.path.exists(data):
         _fail(f"data not found: {data}")
     evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,
-                             steps=steps, seed=seed, road_percentiles=percentiles, preset=preset,
-                             size=_parse_size(size))
+                             steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
+                             preset=preset, size=_parse_size(size))
     samples = ev.load_dataset(data, evaluator.labels)[:limit]
     with click.progressbar(length=len(samples) * len(methods_list), label="evaluating", file=sys.stderr) as bar:
         result = evaluator.run(samples, bar.update)
     if out:
         result.write(out, {"model": str(model), "data": str(data), "methods": methods_list,
                            "metrics": evaluator.metrics, "steps": steps, "road_percentiles": percentiles,
-                           "seed": seed})
+                           "loc_threshold": loc_threshold, "seed": seed})
     click.echo(result.table())
     if out:
         click.echo(f"wrote {out}")

@@ -247,7 +247,8 @@ class Evaluator:
     def __init__(self, model, methods: Sequence[str] = ("gradcam",), layer=None,
                  metrics: Sequence[str] | None = None, batch_size: int = 32, steps: int = 20, seed: int = 0,
                  road_percentiles: Sequence[float] = M.ROAD_PERCENTILES, occlusion_patch: int | None = None,
-                 occlusion_stride: int | None = None, providers=None, **pp_overrides):
+                 occlusion_stride: int | None = None, loc_threshold: float = LOC_THRESHOLD, providers=None,
+                 **pp_overrides):
         self.methods = list(methods)
         if not self.methods:
             raise OnnxcamError("no method given")
@@ -260,7 +261,9 @@ class Evaluator:
             raise OnnxcamError(f"unknown metric '{unknown[0]}'; available: {', '.join(METRICS)}")
         if batch_size < 1 or steps < 1:
             raise OnnxcamError("batch size and steps must be positive")
-        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        if not 0 < loc_threshold < 1:
+            raise OnnxcamError(f"the localization threshold must lie between 0 and 1, got {loc_threshold}")
+        self.batch_size, self.steps, self.seed, self.loc_threshold = batch_size, steps, seed, loc_threshold
         self.road_percentiles = tuple(road_percentiles)
         self.occlusion_patch, self.occlusion_stride = occlusion_patch, occlusion_stride
         source = load_model(model)
@@ -398,7 +401,7 @@ class Evaluator:
                 rows, cols = np.nonzero(mask)
                 boxes = [(cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)]
             if "localization" in want and boxes:
-                iou, box = M.localization(cam_o, boxes, LOC_THRESHOLD)
+                iou, box = M.localization(cam_o, boxes, self.loc_threshold)
                 rec["iou"] = iou
                 rec["box"] = None if box is None else " ".join(str(v) for v in box)
                 rec["loc_correct"] = float(iou >= IOU_THRESHOLD)
