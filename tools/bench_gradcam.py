@@ -10,7 +10,7 @@ exporter (opset 17, dynamic batch; --exporter dynamo for torch.export). Timing d
 
 Methods, all in one process, for the same input and the same (argmax) target per sample:
   ort-forward     plain onnxruntime forward of the exported model, with the same SessionOptions as onnxcam's
-                  session (the fused session is rebuilt with them: ORT_ENABLE_ALL as onnxcam.runtime uses, the same
+                  session (given as `Explainer(..., session_options=)`: ORT_ENABLE_ALL as onnxcam.runtime uses, same
                   intra-op thread count, and intra-op spinning off unless --spin: two sessions' spinning thread pools
                   plus torch's OpenMP pool, interleaved on few cores, steal each other's time and inflate whichever
                   runs next)
@@ -18,8 +18,10 @@ Methods, all in one process, for the same input and the same (argmax) target per
   onnxcam-raw     the fused `Explainer.session.run` alone (no input checking / output unpacking)
   captum          `captum.attr.LayerGradCam(model, model.layer4).attribute(x, target, relu_attributions=True)`
   pytorch-grad-cam `GradCAM(model, [model.layer4])(x, [ClassifierOutputTarget(t)])`, heatmaps included
-Repetitions are interleaved (warm-up, then rounds of every method in turn) so that background load hits all
-methods alike; the table reports medians (and minima, the least disturbed runs).
+Repetitions are interleaved (warm-up, then rounds of every method in turn, the order rotating) so that
+background load hits all methods alike; the table reports medians and minima (the least disturbed runs), and
+ratios three ways: of the medians, paired (median over rounds of the ratio within a round) and of the minima, plus
+process CPU time. On a shared machine the paired, minimum and CPU-time ratios are the ones to trust.
 
 --profile DIR also runs both onnxruntime sessions with profiling (interleaved, `--repeats` runs each) and prints
 which nodes the fused graph adds and how much kernel time they take, by node and by op type.
@@ -68,7 +70,6 @@ def main(argv=None) -> int:
 
     import onnxcam
     from onnxcam import build
-    from onnxcam.runtime import make_session
     from tests import torch_export
 
     if args.threads:
@@ -98,9 +99,8 @@ def main(argv=None) -> int:
         print(f"exported ResNet-50 ({args.exporter}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     t0 = time.perf_counter()
-    explainer = onnxcam.Explainer(path)
+    explainer = onnxcam.Explainer(path, session_options=options())
     build_s = time.perf_counter() - t0
-    explainer.session = make_session(explainer.model, None, options())
     forward = ort.InferenceSession(path, options(), providers=["CPUExecutionProvider"])
     in_name = forward.get_inputs()[0].name
     lgc = LayerGradCam(model, model.layer4)
@@ -141,25 +141,38 @@ def main(argv=None) -> int:
               f"{heat_err:.1e}", file=sys.stderr)
 
         times = {k: [] for k in methods}
+        cpu = {k: [] for k in methods}  # process CPU time (all threads): insensitive to preemption by other load
+        order = list(methods.items())
         for r in range(args.warmup + args.repeats):
-            for name, fn in methods.items():
-                t0 = time.perf_counter()
+            # rotate the order each round: whichever method runs right after torch (whose OpenMP threads are
+            # still spinning) or after another session would otherwise always be the same one
+            k = r % len(order)
+            for name, fn in order[k:] + order[:k]:
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn()
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if r >= args.warmup:
                     times[name].append(dt * 1e3)
+                    cpu[name].append(dc * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
+
+        def paired(a: str, b: str, t=times) -> float:
+            # median over rounds of time(a) / time(b) in the same round: both saw about the same background load
+            return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
         for name in methods:
-            rows.append((name, n, med[name], med[name] / med["ort-forward"],
-                         med["captum"] / med[name] if name.startswith("onnxcam") else None,
-                         med["pytorch-grad-cam"] / med[name] if name.startswith("onnxcam") else None,
-                         min(times[name])))
+            ours = name.startswith("onnxcam")
+            rows.append((name, n, med[name], min(times[name]), med[name] / med["ort-forward"],
+                         paired(name, "ort-forward"), min(times[name]) / min(times["ort-forward"]),
+                         statistics.median(cpu[name]), paired(name, "ort-forward", cpu),
+                         paired("captum", name) if ours else None,
+                         paired("pytorch-grad-cam", name) if ours else None))
 
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
             prefix = os.path.join(args.profile, f"b{n}_")
             fwd_p = ort.InferenceSession(path, options(prefix + "forward"), providers=["CPUExecutionProvider"])
-            cam_p = make_session(explainer.model, None, options(prefix + "onnxcam"))
+            cam_p = onnxcam.Explainer(path, session_options=options(prefix + "onnxcam")).session
             for _ in range(args.repeats):
                 fwd_p.run(None, {in_name: xn})
                 cam_p.run(None, raw_feeds)
@@ -172,11 +185,17 @@ def main(argv=None) -> int:
           f"onnxruntime {ort.__version__}, torch {torch.__version__}; threads: torch {torch.get_num_threads()}, "
           f"onnxruntime {args.threads or 'default'} (spinning {'on' if args.spin else 'off'}); {args.repeats} rounds "
           f"after {args.warmup} warm-up; Explainer build {build_s:.1f} s\n")
-    print("| method | batch | median ms | min ms | / ort-forward | speed-up vs Captum | speed-up vs pytorch-grad-cam |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, n, ms, ratio, vs_captum, vs_gc, best in rows:
+    print("Wall-clock: / ort-forward = ratio of the medians; paired = median over rounds of the ratio within a round "
+          "(robust to load that changes between rounds); min = ratio of the minima. CPU: median process CPU time "
+          "(all threads) and its paired ratio -- unaffected by preemption, but counts torch's OpenMP spin-waiting. "
+          "Speed-ups: paired wall-clock.\n")
+    print("| method | batch | median ms | min ms | / ort-forward | paired | min | CPU ms | CPU paired "
+          "| speed-up vs Captum | speed-up vs pytorch-grad-cam |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n, ms, best, ratio, pr, mr, cms, cpr, vs_captum, vs_gc in rows:
         f = (lambda v: f"{v:.2f}x" if v is not None else "")
-        print(f"| {name} | {n} | {ms:.1f} | {best:.1f} | {ratio:.3f} | {f(vs_captum)} | {f(vs_gc)} |")
+        print(f"| {name} | {n} | {ms:.1f} | {best:.1f} | {ratio:.3f} | {pr:.3f} | {mr:.3f} | {cms:.1f} | {cpr:.3f} "
+              f"| {f(vs_captum)} | {f(vs_gc)} |")
     return 0
 
 
