@@ -1,0 +1,202 @@
+"""`onnxcam evaluate` on a tiny generated folder: the three annotation formats, CSV/JSON output, the summary
+table, and one clear line with exit status 2 for bad input. Model: the committed synthetic CNN."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onnxcam import evaluate as ev
+from onnxcam.cli import main
+from onnxcam.errors import OnnxcamError
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "synthetic" / "shapes_cnn.onnx"
+LABELS = ["striped", "checkered", "dotted", "grid"]
+
+
+def _make_synthetic():
+    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "tools" / "make_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Four synthetic images with masks and annotations.json (one label given by name)."""
+    ms = _make_synthetic()
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(7)
+    ann = {}
+    for i in range(4):
+        img, mask, label, box = ms.make_sample(rng)
+        Image.fromarray(img).save(d / f"im{i}.png")
+        Image.fromarray(mask).convert("1").save(d / f"im{i}_mask.png")
+        ann[f"im{i}.png"] = {"label": LABELS[label] if i == 0 else label, "boxes": [box], "mask": f"im{i}_mask.png"}
+    (d / "annotations.json").write_text(json.dumps(ann))
+    return d
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_output_and_summary(folder, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    code, stdout, stderr = run_cli(capsys, "evaluate", MODEL, folder, "--method", "gradcam", "--method", "random",
+                                   "--method", "center", "--metrics", "localization,pointing",
+                                   "--metrics", "deletion,insertion,drop", "--steps", "5", "-o", out)
+    assert code == 0, stderr
+    assert "evaluating" in stderr  # the progress bar, on stderr
+    doc = json.loads(out.read_text())
+    assert doc["methods"] == ["gradcam", "random", "center"] and len(doc["results"]) == 12
+    first = doc["results"][0]
+    ann = json.loads((folder / "annotations.json").read_text())
+    assert first["image"] == "im0.png" and first["label"] == LABELS.index(ann["im0.png"]["label"])
+    for r in doc["results"]:
+        assert 0 <= r["iou"] <= 1 and r["pointing_hit"] in (0, 1) and r["top1_loc_error"] in (0, 1)
+        assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1 and 0 <= r["drop"] <= 100
+        assert "road" not in r and "faithfulness" not in r
+    s = doc["summary"]["gradcam"]
+    assert s["images"] == 4 and 0 <= s["pointing"] <= 100 and "road" not in s
+    lines = stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["method", "n", "point%", "locerr1%"]
+    assert [ln.split()[0] for ln in lines[2:5]] == ["gradcam", "random", "center"]
+    assert any(ln.startswith("classification: top-1") for ln in lines) and lines[-1] == f"wrote {out}"
+
+
+def test_csv_data_and_output_with_every_metric(folder, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    ann = json.loads((folder / "annotations.json").read_text())
+    rows = ["image,label,x0,y0,x1,y1"]
+    for name in ("im1.png", "im2.png"):
+        (data / name).write_bytes((folder / name).read_bytes())
+        rows.append(",".join([name, str(ann[name]["label"])] + [str(v) for v in ann[name]["boxes"][0]]))
+    (data / "boxes.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "res.csv"
+    code, stdout, stderr = run_cli(capsys, "evaluate", MODEL, data, "-o", out, "--steps", "4",
+                                   "--road-percentiles", "30,70", "--batch-size", "8")
+    assert code == 0, stderr
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == ["im1.png", "im2.png"] and {r["method"] for r in rows} == {"gradcam"}
+    for r in rows:
+        for key in ("iou", "pointing_hit", "deletion_auc", "insertion_auc", "drop", "increase", "road",
+                    "road_morf", "road_lerf", "faithfulness"):
+            assert r[key] != "", key
+        assert -1 <= float(r["faithfulness"]) <= 1 and -1 <= float(r["road"]) <= 1
+    assert "ROAD" in stdout and "faith" in stdout
+
+
+def test_folder_without_annotations_and_pascal_voc(folder, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i in range(2):
+        (plain / f"im{i}.png").write_bytes((folder / f"im{i}.png").read_bytes())
+        (plain / f"im{i}_mask.png").write_bytes((folder / f"im{i}_mask.png").read_bytes())  # not a sample
+    samples = ev.load_dataset(plain)
+    assert [s.name for s in samples] == ["im0.png", "im1.png"] and not any(s.annotated for s in samples)
+    result = ev.Evaluator(MODEL, ["center"], metrics=["pointing", "drop"]).run(samples)
+    assert all("pointing_hit" not in r and "drop" in r for r in result.records)
+
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    (voc / "a.png").write_bytes((folder / "im0.png").read_bytes())
+    (voc / "a.xml").write_text(
+        "<annotation><filename>a.png</filename>"
+        "<object><name>dotted</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax></bndbox></object>"
+        "<object><name>grid</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
+        "<object><name>dotted</name><bndbox><xmin>61</xmin><ymin>61</ymin><xmax>70</xmax><ymax>80</ymax></bndbox></object>"
+        "</annotation>")
+    samples = ev.load_dataset(voc, LABELS)
+    assert [(s.label, s.boxes) for s in samples] == [(2, [(10, 20, 40, 50), (60, 60, 70, 80)]), (3, [(0, 0, 10, 10)])]
+    with pytest.raises(OnnxcamError, match="'dog' is not one of the model's labels"):
+        (voc / "a.xml").write_text("<annotation><object><name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+                                   "<xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")
+        ev.load_dataset(voc, LABELS)
+
+
+def _bad_json(d: Path, text: str) -> Path:
+    d.mkdir()
+    Image.new("RGB", (128, 128)).save(d / "x.png")
+    (d / "annotations.json").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing data", "data not found"),
+    ("unknown metric", "unknown metric 'iou'"),
+    ("unknown method", "unknown method 'gradcom'"),
+    ("bad json", "is not valid JSON"),
+    ("empty box", "is empty"),
+    ("label out of range", "label 7 is out of range for 4 classes"),
+    ("bad output", "must end in .csv or .json"),
+    ("mask size", "mask"),
+    ("missing image", "image not found"),
+])
+def test_bad_input_is_one_line_exit_2(case, message, tmp_path, capsys, folder):
+    args = ["evaluate", MODEL, folder, "--metrics", "localization"]
+    if case == "missing data":
+        args[2] = tmp_path / "nope"
+    elif case == "unknown metric":
+        args[4] = "localization,iou"
+    elif case == "unknown method":
+        args += ["--method", "gradcom"]
+    elif case == "bad json":
+        args[2] = _bad_json(tmp_path / "d", "{not json")
+    elif case == "empty box":
+        args[2] = _bad_json(tmp_path / "d", '{"x.png": {"label": 1, "boxes": [[10, 10, 5, 20]]}}')
+    elif case == "label out of range":
+        args[2] = _bad_json(tmp_path / "d", '{"x.png": {"label": 7, "boxes": [[0, 0, 5, 5]]}}')
+    elif case == "bad output":
+        args += ["-o", tmp_path / "res.txt"]
+    elif case == "mask size":
+        d = _bad_json(tmp_path / "d", '{"x.png": {"label": 1, "mask": "m.png"}}')
+        Image.new("L", (10, 10), 255).save(d / "m.png")
+        args[2] = d
+    elif case == "missing image":
+        args[2] = _bad_json(tmp_path / "d", '{"y.png": {"label": 1}}')
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 2, (stdout, stderr)
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("evaluating")]
+    assert len(lines) == 1 and lines[0].startswith("onnxcam: error: ") and message in lines[0], stderr
+
+
+def test_nhwc_model_scores_like_its_nchw_twin(folder, tmp_path):
+    """The same network behind an input Transpose, fed NHWC: identical per-image results."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(MODEL))
+    old = m.graph.input[0]
+    old_name = old.name
+    nhwc = helper.make_tensor_value_info("image_nhwc", onnx.TensorProto.FLOAT, ["N", 128, 128, 3])
+    m.graph.node.insert(0, helper.make_node("Transpose", ["image_nhwc"], [old_name], perm=[0, 3, 1, 2]))
+    del m.graph.input[:]
+    m.graph.input.append(nhwc)
+    for p in m.metadata_props:
+        if p.key == "onnxcam.preprocess":
+            meta = json.loads(p.value)
+            meta["layout"] = "NHWC"
+            p.value = json.dumps(meta)
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(m, str(path))
+    samples = ev.load_dataset(folder, LABELS)[:2]
+    kw = dict(metrics=["localization", "pointing", "deletion", "drop"], steps=4)
+    a = ev.Evaluator(MODEL, ["gradcam", "random"], **kw).run(samples).records
+    b = ev.Evaluator(path, ["gradcam", "random"], **kw).run(samples).records
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in ("iou", "pointing_hit", "top1_loc_error", "target", "predicted"):
+            assert ra[key] == rb[key], key
+        for key in ("deletion_auc", "drop"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-4), key
