@@ -49,7 +49,7 @@ def activations_name(i: int) -> str:
 
 
 # Ops whose gradient rules need opset 16 (ScatterElements with reduction='add').
-_NEEDS_OPSET_16 = {"MaxPool", "Gather", "GatherElements"}
+_NEEDS_OPSET_16 = {"MaxPool", "Gather", "GatherElements", "GatherND"}
 # The ops whose backward Guided Backprop / deconvnet modify: the rectifiers, Relu and Clip (ReLU6), since
 # the method suppresses negative gradients where a rectifier passes them. HardSwish and SiLU (Sigmoid*Mul)
 # are not rectifiers (smooth, non-monotone near 0) and keep their true gradient. Captum's GuidedBackprop
@@ -123,10 +123,13 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
     graph = model.graph
     emit = Emitter.for_model(model)
     ranks = [view.rank(layer) for layer in spec.layers]
+    image_rank = view.rank(spec.image)
     for layer, rank in zip(spec.layers, ranks):
         if rank is None or rank < 3:
             raise OnnxcamError(f"layer '{layer}' is not a feature map (rank {rank})")
-    image_rank = view.rank(spec.image)
+        if image_rank is not None and rank != image_rank:
+            raise OnnxcamError(f"layer '{layer}' has rank {rank} but the input has rank {image_rank}: its "
+                               f"spatial dims cannot be mapped onto the input's")
     outputs: list[onnx.ValueInfoProto] = []
     f32 = TensorProto.FLOAT
 

@@ -102,6 +102,9 @@ def _main_input(view: ModelView, node, path: set[str]) -> str | None:
 
 def default_layer(view: ModelView, image: str, score: str) -> str:
     path = path_tensors(view, image, score)
+    # A feature map has at most the image's rank; higher-rank tensors on the way are index plumbing
+    # (e.g. dynamo's GatherND decomposition of adaptive pooling).
+    max_rank = max(view.rank(image) or 4, 3)
     t = score
     first_spatial = None
     while True:
@@ -112,9 +115,9 @@ def default_layer(view: ModelView, image: str, score: str) -> str:
         if x is None:
             break
         xs = view.shape(x)
-        if first_spatial is None and view.rank(t) is not None and view.rank(t) >= 3:
+        if first_spatial is None and view.rank(t) is not None and 3 <= view.rank(t) <= max_rank:
             first_spatial = t
-        if (node.op_type not in _RESHAPES and xs is not None and len(xs) >= 3
+        if (node.op_type not in _RESHAPES and xs is not None and 3 <= len(xs) <= max_rank
                 and _per_sample_size(view.shape(t)) < _per_sample_size(xs)):
             if node.op_type in _POOLING:
                 layer = x

@@ -478,3 +478,13 @@ def test_attention_like_chain():
     inits = [numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"), numpy_helper.from_array(rnd(3, 8), "w")]
     m = make_model(nodes, [("x", TensorProto.DOUBLE, ["N", 5, 4])], None, opset=17, initializers=inits)
     check_model_vjp(m, {"x": rnd(2, 5, 4)}, ["x"])
+
+
+@pytest.mark.parametrize("indices", [
+    np.array([[0, 1], [2, 0], [0, 1]], np.int64),          # repeated tuples accumulate
+    np.array([[[1], [-1]], [[0], [2]]], np.int64),        # slices of the remaining dims, negative index
+    np.array([[1, 2, 3], [0, -1, 0]], np.int64),          # full index tuples
+])
+def test_gather_nd(indices):
+    data = np.random.default_rng(7).standard_normal((3, 4, 5))
+    check_vjp("GatherND", {"data": data, "indices": indices}, wrt=["data"], opset=18)

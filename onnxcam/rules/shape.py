@@ -499,3 +499,26 @@ def pad(ctx: Context, gy):
                              target, dtype, len(index_map))
     out[0] = g
     return out
+
+
+@register("GatherND")
+def gather_nd(ctx: Context, gy):
+    """gx = ScatterND(zeros like data, indices, gy, reduction='add'): repeated index tuples add up."""
+    out = no_grads(ctx)
+    if not ctx.needs[0]:
+        return out
+    if int(ctx.attr("batch_dims", 0)) != 0:
+        raise ValueError("GatherND with batch_dims > 0 has no gradient rule yet")
+    if ctx.opset < 16:
+        raise ValueError("GatherND's gradient needs ScatterND with reduction='add' (opset >= 16)")
+    data, indices = ctx.input(0), ctx.input(1)
+    emit = ctx.emit
+    # ScatterND reads negative indices as they are in onnxruntime, but the spec does not promise it:
+    # wrap them (idx + dim where idx < 0) against the indexed dims of data.
+    k = emit.op("Slice", [emit.shape_of(indices), emit.ints([-1]), emit.ints([2**62])])
+    dims = emit.op("Slice", [emit.shape_of(data), emit.ints([0]), k])
+    idx = emit.op("Cast", [indices], to=7)
+    wrapped = emit.op("Where", [emit.op("Less", [idx, emit.const(np.array(0, np.int64))]),
+                                emit.op("Add", [idx, dims]), idx])
+    out[0] = ctx.op("ScatterND", [emit.zeros_like(data, ctx.dtype(data)), wrapped, gy[0]], reduction="add")
+    return out
