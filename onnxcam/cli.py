@@ -1,4 +1,4 @@
-"""Command line: `onnxcam explain`, `onnxcam layers`, `onnxcam ops`.
+"""Command line: `onnxcam explain`, `layers`, `ops`, `export`, `serve`, `evaluate`.
 
 Every user-facing failure is an OnnxcamError printed as one line with exit status 2; nothing the user
 gave (model, images) is ever written to.

@@ -150,6 +150,7 @@ def first_component(weighted: np.ndarray) -> np.ndarray:
     for sample in w:
         flat = sample.reshape(sample.shape[0], -1).T
         flat = flat - flat.mean(axis=0)
-        _, _, vt = np.linalg.svd(flat, full_matrices=True)
+        # Only the first right singular vector is used; the thin SVD gives the same row, much faster.
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)
         out.append((flat @ vt[0, :]).reshape(sample.shape[1:]))
     return np.float32(out)
