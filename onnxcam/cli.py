@@ -1,4 +1,4 @@
-"""Command line: `onnxcam explain`, `layers`, `ops`, `export`, `serve`, `evaluate`.
+"""Command line: `onnxcam explain`, `layers`, `ops`, `export`, `serve`, `evaluate`, `providers`.
 
 Every user-facing failure is an OnnxcamError printed as one line with exit status 2; nothing the user
 gave (model, images) is ever written to.
@@ -101,6 +101,12 @@ def _output_paths(images: list[str], out: str | None, suffix: str) -> list[Path]
     return paths
 
 
+def _device_option(f):
+    return click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"], case_sensitive=False),
+                        default="cpu", show_default=True,
+                        help="Execution provider: auto = CUDA when onnxruntime-gpu offers it, else the CPU.")(f)
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -139,8 +145,9 @@ def cli() -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None),
               help="Perturbed images per run (Score-CAM, Ablation-CAM).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@_device_option
 def explain(model, images, out, layers, target, method, counterfactual, aug_smooth, eigen_smooth, output_name,
-            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json):
+            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, device):
     """Write a CAM overlay PNG for each IMAGE and print the top classes."""
     from .explainer import Explainer
 
@@ -157,7 +164,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
     paths = _output_paths(list(images), out, tag)
     explainer = Explainer(model, layer=list(layers) or None, method="guided-gradcam" if panel else method,
-                          output=output_name, batch_size=batch_size)
+                          output=output_name, batch_size=batch_size, device=device)
     labels = preprocess.labels_from_file(labels_file) if labels_file else explainer.labels
     k = explainer.num_classes
     if labels is not None and k is not None and len(labels) != k:
@@ -204,7 +211,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         order = np.argsort(-scores)[:top]
         records.append({
             "image": img, "output": str(path), "layers": list(explainer.layers), "method": method,
-            "counterfactual": counterfactual, "target": t, "target_label": name(t),
+            "counterfactual": counterfactual, "target": t, "target_label": name(t), "provider": explainer.provider,
             "top": [{"class": int(c), "label": name(int(c)), "score": float(scores[c]),
                      "probability": float(probs[c])} for c in order],
         })
@@ -213,7 +220,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         return
     for rec in records:
         click.echo(f"{rec['image']}: {method} for class {rec['target']} ({rec['target_label']}) at layer "
-                   f"{', '.join(rec['layers'])} -> {rec['output']}")
+                   f"{', '.join(rec['layers'])} -> {rec['output']} [{rec['provider']}]")
         for rank, entry in enumerate(rec["top"], 1):
             click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
                        f"p={entry['probability']:.4f}")
@@ -303,12 +310,15 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
               help="Largest request body; larger ones are answered 413.")
 @click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
 @click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
-def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, layers, method):
+@_device_option
+def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, layers, method,
+              device):
     """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
     from . import serve
 
     serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
-              max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=list(layers) or None, method=method)
+              max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=list(layers) or None, method=method,
+              device=device)
 
 
 @cli.command("evaluate")
@@ -334,14 +344,17 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the 'random' maps and ROAD's noise.")
 @click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
 @click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
+@_device_option
 def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_size, steps, road_percentiles,
-                 loc_threshold, limit, seed, preset, size):
+                 loc_threshold, limit, seed, preset, size, device):
     """Score explanations of MODEL on the images in DATA: localization (boxes), pointing game (masks),
     deletion/insertion, Average Drop / Increase in Confidence, ROAD, faithfulness to occlusion.
     DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
     docs/evaluation.md. Prints a summary table per method."""
     from . import evaluate as ev
+    from .runtime import resolve_device
 
+    providers = resolve_device(device)
     names = [m.strip() for item in metric_names for m in item.split(",") if m.strip()] or None
     percentiles = _parse_floats(road_percentiles, "road-percentiles")
     if any(not 0 < p < 100 for p in percentiles):
@@ -353,17 +366,68 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
         _fail(f"data not found: {data}")
     evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,
                              steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
-                             preset=preset, size=_parse_size(size))
+                             preset=preset, size=_parse_size(size), providers=providers)
+    provider = evaluator.session.get_providers()[0]
     samples = ev.load_dataset(data, evaluator.labels)[:limit]
-    with click.progressbar(length=len(samples) * len(methods_list), label="evaluating", file=sys.stderr) as bar:
+    with click.progressbar(length=len(samples) * len(methods_list), label=f"evaluating on {provider}",
+                           file=sys.stderr) as bar:
         result = evaluator.run(samples, bar.update)
     if out:
         result.write(out, {"model": str(model), "data": str(data), "methods": methods_list,
                            "metrics": evaluator.metrics, "steps": steps, "road_percentiles": percentiles,
-                           "loc_threshold": loc_threshold, "seed": seed})
+                           "loc_threshold": loc_threshold, "seed": seed, "provider": provider})
     click.echo(result.table())
     if out:
         click.echo(f"wrote {out}")
+
+
+@cli.command("providers")
+@click.argument("model", type=click.Path(dir_okay=False))
+@_device_option
+@click.option("--method", default="gradcam", show_default=True, help="Method whose explain graph is placed.")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--nodes", "show_nodes", is_flag=True, help="Also list every node: provider, op type, name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
+def providers_cmd(model, device, method, layers, show_nodes, as_json):
+    """Which execution provider runs each node of MODEL's fused explain graph (from one profiled run);
+    flags nodes that fell back to the CPU when a GPU provider was requested."""
+    from collections import Counter
+
+    from .explainer import Explainer
+    from .runtime import CPU, node_placement
+
+    if not os.path.exists(model):
+        _fail(f"model not found: {model}")
+    explainer = Explainer(model, layer=list(layers) or None, method=method, device=device)
+    placement = node_placement(explainer)
+    requested = explainer.session.get_providers()
+    gpu = requested[0] != CPU
+    fallback = placement.get(CPU, []) if gpu else []
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "method": method, "device": device, "providers": requested,
+                               "provider": explainer.provider,
+                               "placement": {p: [{"name": n, "op": o} for n, o in nodes]
+                                             for p, nodes in placement.items()},
+                               "cpu_fallback": [{"name": n, "op": o} for n, o in fallback]}, indent=2))
+        return
+    total = sum(len(v) for v in placement.values())
+    click.echo(f"{model}: {method} explain graph, {total} nodes after onnxruntime's optimisation; session "
+               f"providers {', '.join(requested)} [{explainer.provider}]")
+    for provider, nodes in sorted(placement.items(), key=lambda kv: -len(kv[1])):
+        ops_count = Counter(o for _, o in nodes)
+        click.echo(f"  {provider}: {len(nodes)} nodes")
+        click.echo("    " + ", ".join(f"{op} {c}" for op, c in sorted(ops_count.items(), key=lambda kv: (-kv[1], kv[0]))))
+    if gpu:
+        if fallback:
+            click.echo(f"CPU fallback: {len(fallback)} node(s) run on {CPU} although {requested[0]} was requested:")
+            for n, o in fallback:
+                click.echo(f"  ! {o:<20} {n}")
+        else:
+            click.echo(f"no CPU fallback: every node runs on {', '.join(sorted(placement))}")
+    if show_nodes:
+        for provider, nodes in placement.items():
+            for n, o in nodes:
+                click.echo(f"{provider}\t{o}\t{n}")
 
 
 @cli.command()

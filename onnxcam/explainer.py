@@ -7,11 +7,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from . import build, methods, perturb, preprocess, rewrite
 from .errors import OnnxcamError
 from .graph import ModelLike, ModelView, infer_shapes, load_model
-from .runtime import first_line, make_session
+from .runtime import first_line, make_session, ortvalue_dtype, resolve_device, session_device
 
 
 @dataclass
@@ -41,8 +42,10 @@ class Explainer:
     def __init__(self, model: ModelLike, layer: str | Sequence[str] | None = None, method: str = "gradcam",
                  providers: Sequence | None = None, output: str | None = None, layout: str | None = None,
                  batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
-                 session_options=None):
+                 session_options=None, device: str | None = None):
         self.method_info = methods.get_method(method)
+        if providers is None and device is not None:  # `providers` wins over `device`; neither: the CPU
+            providers = resolve_device(device)
         source = load_model(model)
         self.source_model = source
         inferred = infer_shapes(source)
@@ -75,6 +78,11 @@ class Explainer:
             self._postprocess()
             for i in range(len(self.layers)):
                 self._perturbation_session(i)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs the fused session (its first; later ones are fallbacks)."""
+        return self.session.get_providers()[0]
 
     @classmethod
     def from_session(cls, session, **kwargs) -> "Explainer":
@@ -123,6 +131,61 @@ class Explainer:
         if aug_smooth:
             return self._aug_smooth(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
         return self._explain(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
+
+    def explain_bound(self, inputs, targets=None, counterfactual: bool = False, to_numpy: bool = True):
+        """`explain` through `session.io_binding()`: inputs (numpy arrays, or `onnxruntime.OrtValue`s already on
+        the session's device), the target vector (None/int/ints, or an int64 (N,) OrtValue) and the outputs are
+        bound to the session's device, so they can stay there between calls. Gradient and pixel methods only
+        (their whole map is computed in the fused graph). `to_numpy=True`: an Explanation, as `explain` returns;
+        False: {fused output name: OrtValue on the device} (`onnxcam_heatmaps`, `onnxcam_maps`,
+        `onnxcam_scores`, `onnxcam_targets`, ...; see onnxcam.build). OrtValue targets are not range-checked."""
+        if self.method_info.kind not in ("gradient", "pixel"):
+            raise OnnxcamError(f"explain_bound runs the fused graph only; method '{self.method}' is not computed "
+                               f"there (use explain)")
+        device, device_id = session_device(self.session)
+        checked = self._feeds(inputs, ortvalues=True)
+        image = checked[self.image_input]
+        n = image.shape()[0] if isinstance(image, ort.OrtValue) else image.shape[0]
+        if isinstance(targets, ort.OrtValue):
+            if ortvalue_dtype(targets) != np.int64 or targets.shape() != [n]:
+                raise OnnxcamError(f"targets must be an int64 OrtValue of shape ({n},)")
+            target = targets
+        else:
+            target = self._targets(targets, n)
+        sign = np.array([-1.0 if counterfactual else 1.0], np.float32)
+        binding = self.session.io_binding()
+        keep = []  # the OrtValues made here must outlive the run
+        inputs_of_session = {i.name for i in self.session.get_inputs()}
+        for name, value in [*checked.items(), (build.TARGET, target), (build.SIGN, sign)]:
+            if name not in inputs_of_session:  # the sign input exists for gradient methods only
+                continue
+            if not isinstance(value, ort.OrtValue):
+                value = ort.OrtValue.ortvalue_from_numpy(value, device, device_id)
+                keep.append(value)
+            binding.bind_ortvalue_input(name, value)
+        names = [o.name for o in self.session.get_outputs()]
+        for name in names:
+            binding.bind_output(name, device, device_id)
+        try:
+            binding.synchronize_inputs()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        except Exception as exc:
+            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
+        if not to_numpy:
+            return dict(zip(names, binding.get_outputs()))
+        outs = dict(zip(names, binding.copy_outputs_to_cpu()))
+        scores, chosen = outs[build.SCORES], outs[build.TARGETS]
+        if self.num_classes is None and ((chosen < 0) | (chosen >= scores.shape[1])).any():
+            bad = chosen[(chosen < 0) | (chosen >= scores.shape[1])]
+            raise OnnxcamError(f"target {int(bad[0])} is out of range for {scores.shape[1]} classes")
+        maps = [outs[build.maps_name(i)] for i in range(len(self.layers))]
+        guided, extras = None, {}
+        if self.method_info.kind == "pixel":
+            guided = outs[build.GUIDED_GRADCAM if self.method == "guided-gradcam" else build.GUIDED]
+            extras["guided_backprop"] = outs[build.GUIDED]
+        return Explanation(maps=maps[0], heatmaps=outs[build.HEATMAPS], scores=scores, targets=chosen, layer=self.layer, method=self.method,
+                           counterfactual=counterfactual, guided=guided, maps_per_layer=maps, extras=extras)
 
     def _explain(self, feeds, target_vec, counterfactual, eigen_smooth, channels, progress) -> Explanation:
         feeds[build.TARGET] = target_vec
@@ -243,7 +306,8 @@ class Explainer:
                            maps_per_layer=maps)
 
     # -- input checking ---------------------------------------------------------------------
-    def _feeds(self, inputs) -> dict[str, np.ndarray]:
+    def _feeds(self, inputs, ortvalues: bool = False) -> dict[str, np.ndarray]:
+        """Checked, contiguous inputs of the model's dtypes; with `ortvalues`, OrtValues pass through (checked)."""
         if isinstance(inputs, Mapping):
             feeds = dict(inputs)
         else:
@@ -260,24 +324,29 @@ class Explainer:
             raise OnnxcamError(f"missing input(s): {', '.join(missing)}")
         out = {}
         for name, value in feeds.items():
-            arr = np.asarray(value)
+            bound = ortvalues and isinstance(value, ort.OrtValue)
+            arr = value if bound else np.asarray(value)
+            shape = tuple(value.shape()) if bound else arr.shape
             want = self.input_shapes[name]
-            if want is not None and arr.ndim != len(want):
-                raise OnnxcamError(f"input '{name}' has shape {arr.shape}; the model expects rank {len(want)} "
+            if want is not None and len(shape) != len(want):
+                raise OnnxcamError(f"input '{name}' has shape {shape}; the model expects rank {len(want)} "
                                    f"{_fmt_shape(want)}")
             if want is not None:
-                for axis, (got, exp) in enumerate(zip(arr.shape, want)):
+                for axis, (got, exp) in enumerate(zip(shape, want)):
                     if isinstance(exp, int) and got != exp:
-                        raise OnnxcamError(f"input '{name}' has shape {arr.shape}; the model expects "
+                        raise OnnxcamError(f"input '{name}' has shape {shape}; the model expects "
                                            f"{_fmt_shape(want)}")
             dtype = self.input_dtypes[name]
-            if arr.dtype != dtype:
-                if arr.dtype.kind in "fiub" and dtype.kind in "fiub":
+            got_dtype = ortvalue_dtype(value) if bound else arr.dtype
+            if got_dtype != dtype:
+                if not bound and arr.dtype.kind in "fiub" and dtype.kind in "fiub":
                     arr = arr.astype(dtype)
                 else:
-                    raise OnnxcamError(f"input '{name}' has dtype {arr.dtype}; the model expects {dtype}")
-            out[name] = np.ascontiguousarray(arr)
-        if out[self.image_input].ndim == 0 or out[self.image_input].shape[0] == 0:
+                    raise OnnxcamError(f"input '{name}' has dtype {got_dtype}; the model expects {dtype}")
+            out[name] = arr if bound else np.ascontiguousarray(arr)
+        image = out[self.image_input]
+        image_shape = tuple(image.shape()) if isinstance(image, ort.OrtValue) else image.shape
+        if len(image_shape) == 0 or image_shape[0] == 0:
             raise OnnxcamError("empty batch")
         return out
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -40,3 +41,143 @@ def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- devices ------------------------------------------------------------------------------------
+DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+GPU_HINT = "install onnxruntime-gpu: pip install 'onnxcam[gpu]'"
+
+
+def resolve_device(device: str | None) -> list[str]:
+    """The execution providers, in priority order, for a device name (CPU last as the fallback).
+
+    cpu: CPU. cuda: CUDA then CPU; an error if this onnxruntime has no CUDA EP. tensorrt: TensorRT, CUDA
+    (when present), CPU; an error without the TensorRT EP. auto: CUDA then CPU when onnxruntime reports
+    CUDAExecutionProvider (onnxruntime-gpu), else CPU."""
+    name = (device or "cpu").lower()
+    if name not in DEVICES:
+        raise OnnxcamError(f"unknown device '{device}'; use one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    if name == "cpu":
+        return [CPU]
+    if name == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    if name == "cuda":
+        if CUDA not in available:
+            raise OnnxcamError(f"CUDA was requested but this onnxruntime has no {CUDA} ({GPU_HINT})")
+        return [CUDA, CPU]
+    if TENSORRT not in available:
+        raise OnnxcamError(f"TensorRT was requested but this onnxruntime has no {TENSORRT} ({GPU_HINT}, "
+                           f"and TensorRT itself)")
+    return [TENSORRT] + ([CUDA] if CUDA in available else []) + [CPU]
+
+
+def session_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """(device_type, device_id) for OrtValue.ortvalue_from_numpy / IOBinding on the session's first provider."""
+    first = session.get_providers()[0]
+    kind = {CUDA: "cuda", TENSORRT: "cuda", "ROCMExecutionProvider": "cuda",
+            "MIGraphXExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(first, "cpu")
+    if kind == "cpu":
+        return "cpu", 0
+    try:
+        return kind, int(session.get_provider_options().get(first, {}).get("device_id", 0))
+    except (TypeError, ValueError):
+        return kind, 0
+
+
+# -- node placement -----------------------------------------------------------------------------
+def node_placement(session_or_model, providers: Sequence | None = None, feeds: dict | None = None,
+                   dynamic_dim: int = 224) -> dict[str, list[tuple[str, str]]]:
+    """Which execution provider runs each node of the (onnxruntime-optimised) graph:
+    {provider: [(node name, op type), ...]}, read from an onnxruntime profile of one run.
+
+    `session_or_model`: an onnx.ModelProto, a path or bytes, an InferenceSession (its model is reloaded) or an
+    onnxcam Explainer (its fused explain graph). `providers` default: the session's / Explainer's own, else CPU.
+    `feeds`: inputs for the profiled run; by default random data, batch 1, other dynamic dims `dynamic_dim`,
+    onnxcam's target input -1 (argmax) and sign +1. Works on every build: the profile's node events carry
+    `args.provider` and `args.op_name`."""
+    import json
+    import os
+    import tempfile
+
+    from .explainer import Explainer
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model = session_or_model
+    if isinstance(model, Explainer):
+        providers = providers if providers is not None else model.session.get_providers()
+        model = model.model
+    elif isinstance(model, ort.InferenceSession):
+        src = getattr(model, "_model_bytes", None) or getattr(model, "_model_path", None)
+        if src is None:
+            raise OnnxcamError("cannot recover the model from this InferenceSession; pass the model instead")
+        old = model.get_session_options()
+        options.graph_optimization_level = old.graph_optimization_level
+        providers = providers if providers is not None else model.get_providers()
+        model = src
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, (bytes, str, os.PathLike)):
+        raise OnnxcamError(f"node_placement takes a model, a session or an Explainer, not {type(model).__name__}")
+    with tempfile.TemporaryDirectory(prefix="onnxcam-placement-") as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "placement")
+        try:
+            session = ort.InferenceSession(os.fspath(model) if not isinstance(model, bytes) else model, options,
+                                           providers=resolve_providers(providers))
+        except OnnxcamError:
+            raise
+        except Exception as exc:
+            raise OnnxcamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        run_feeds = dict(feeds or {})
+        rng = np.random.default_rng(0)
+        for i in session.get_inputs():
+            if i.name in run_feeds:
+                continue
+            shape = [d if isinstance(d, int) else (1 if axis == 0 else dynamic_dim) for axis, d in enumerate(i.shape)]
+            dtype = _NP_TYPES.get(i.type)
+            if dtype is None:
+                raise OnnxcamError(f"input '{i.name}' has type {i.type}; pass feeds=")
+            if i.name == "onnxcam_target":
+                run_feeds[i.name] = np.full(shape, -1, np.int64)
+            elif i.name == "onnxcam_sign":
+                run_feeds[i.name] = np.ones(shape, np.float32)
+            elif dtype.kind == "f":
+                run_feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                run_feeds[i.name] = np.zeros(shape, dtype)
+        try:
+            session.run(None, run_feeds)
+        except Exception as exc:
+            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    placement: dict[str, list[tuple[str, str]]] = {}
+    seen = set()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
+            continue
+        node = name[: -len("_kernel_time")]
+        args = e.get("args", {})
+        provider = args.get("provider", "?")
+        if (node, provider) in seen:
+            continue
+        seen.add((node, provider))
+        placement.setdefault(provider, []).append((node, args.get("op_name", "?")))
+    return placement
+
+
+def ortvalue_dtype(value: ort.OrtValue) -> np.dtype:
+    """numpy dtype of an OrtValue tensor ('tensor(float)' -> float32)."""
+    t = value.data_type()
+    if t not in _NP_TYPES:
+        raise OnnxcamError(f"unsupported OrtValue type {t}")
+    return _NP_TYPES[t]
+
+
+_NP_TYPES = {f"tensor({k})": np.dtype(v) for k, v in (
+    ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("int64", "int64"), ("int32", "int32"),
+    ("int8", "int8"), ("uint8", "uint8"), ("bool", "bool"))}

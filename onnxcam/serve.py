@@ -866,7 +866,8 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
 
 def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = None, max_batch: int = 16,
         max_queue: int = 64, workers: int = 1, max_body_mb: float = 32.0, batch_wait_ms: float = 5.0,
-        layer=None, method: str = "gradcam", log_level: str = "info", graceful_timeout: float = 30.0) -> None:
+        layer=None, method: str = "gradcam", log_level: str = "info", graceful_timeout: float = 30.0,
+        device: str | None = None) -> None:
     """Serves `model` until SIGTERM/SIGINT; in-flight requests finish first (up to `graceful_timeout` s)."""
     _serving_modules()
     import uvicorn
@@ -876,13 +877,13 @@ def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = Non
     else:
         if isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
             raise OnnxcamError(f"model not found: {model}")
-        explainer = Explainer(model, layer=layer, method=method)
+        explainer = Explainer(model, layer=layer, method=method, device=device)
         if name is None and isinstance(model, (str, os.PathLike)):
             name = Path(model).stem
     app = create_app(explainer, name=name, max_batch=max_batch, max_queue=max_queue,
                      max_body_bytes=int(max_body_mb * 2**20), batch_wait_ms=batch_wait_ms, workers=workers)
     spec = app.state.spec
-    print(f"onnxcam: serving '{spec.name}' (layer {explainer.layer}, {explainer.method}) on http://{host}:{port} "
+    print(f"onnxcam: serving '{spec.name}' (layer {explainer.layer}, {explainer.method}, {explainer.provider}) on http://{host}:{port} "
           f"-- max batch {app.state.batcher.max_batch}, queue {max_queue}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, server_header=False)

@@ -1,0 +1,266 @@
+"""The GPU-facing code paths, exercised on the CPU: device -> providers resolution (with onnxruntime's provider
+list monkeypatched), `Explainer(device=)` / `.provider`, IO binding (`explain_bound`, numpy and OrtValue inputs,
+results identical to `explain`), node placement from an onnxruntime profile, and the CLI's --device / providers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcam import Explainer, OnnxcamError, runtime
+from onnxcam.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
+CAT = ROOT / "models" / "cat.png"
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+CUDA_MESSAGE = ("CUDA was requested but this onnxruntime has no CUDAExecutionProvider "
+                "(install onnxruntime-gpu: pip install 'onnxcam[gpu]')")
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Explainer(str(MODEL), device="cpu")
+
+
+def _fake_providers(monkeypatch, *names):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(names))
+
+
+# -- device resolution --------------------------------------------------------------------------
+def test_resolve_device_with_and_without_gpu_providers(monkeypatch):
+    _fake_providers(monkeypatch, CPU)
+    assert runtime.resolve_device("cpu") == [CPU] and runtime.resolve_device(None) == [CPU]
+    assert runtime.resolve_device("auto") == [CPU]
+    with pytest.raises(OnnxcamError) as err:
+        runtime.resolve_device("cuda")
+    assert str(err.value) == CUDA_MESSAGE
+    with pytest.raises(OnnxcamError, match="TensorRT was requested"):
+        runtime.resolve_device("tensorrt")
+    with pytest.raises(OnnxcamError, match="unknown device 'tpu'"):
+        runtime.resolve_device("tpu")
+
+    _fake_providers(monkeypatch, CUDA, CPU)
+    assert runtime.resolve_device("auto") == [CUDA, CPU]
+    assert runtime.resolve_device("CUDA") == [CUDA, CPU]
+    assert runtime.resolve_device("cpu") == [CPU]
+    with pytest.raises(OnnxcamError, match="TensorRT was requested"):
+        runtime.resolve_device("tensorrt")
+
+    _fake_providers(monkeypatch, TRT, CUDA, CPU)
+    assert runtime.resolve_device("tensorrt") == [TRT, CUDA, CPU]
+    assert runtime.resolve_device("auto") == [CUDA, CPU]  # TensorRT only when asked for
+
+
+def test_explainer_device_and_provider(demo, monkeypatch):
+    assert demo.provider == CPU and demo.providers == [CPU]
+    assert Explainer(str(MODEL)).provider == CPU  # neither: the CPU
+    with pytest.raises(OnnxcamError) as err:
+        Explainer(str(MODEL), device="cuda")
+    assert str(err.value) == CUDA_MESSAGE
+    # providers wins over device: no CUDA lookup at all
+    assert Explainer(str(MODEL), providers=[CPU], device="cuda").provider == CPU
+    # auto falls back to the CPU on this build
+    _fake_providers(monkeypatch, CPU)
+    assert Explainer(str(MODEL), device="auto").provider == CPU
+
+
+def test_session_device_of_a_cpu_session(demo):
+    assert runtime.session_device(demo.session) == ("cpu", 0)
+
+
+# -- IO binding ---------------------------------------------------------------------------------
+def _batch(n=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)
+
+
+def _same(a, b):
+    for field in ("maps", "heatmaps", "scores", "targets"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert len(a.maps_per_layer) == len(b.maps_per_layer)
+
+
+def test_explain_bound_numpy_matches_run_path(demo):
+    x = _batch()
+    _same(demo.explain(x, [285, 504]), demo.explain_bound(x, [285, 504]))
+    _same(demo.explain(x), demo.explain_bound(x))
+    _same(demo.explain(x, 285, counterfactual=True), demo.explain_bound(x, 285, counterfactual=True))
+
+
+def test_explain_bound_ortvalues_stay_on_the_device(demo):
+    x = _batch(seed=1)
+    ref = demo.explain(x, [3, 7])
+    xv = ort.OrtValue.ortvalue_from_numpy(x, "cpu", 0)
+    tv = ort.OrtValue.ortvalue_from_numpy(np.array([3, 7], np.int64), "cpu", 0)
+    outs = demo.explain_bound({"image": xv}, tv, to_numpy=False)
+    assert all(isinstance(v, ort.OrtValue) and v.device_name() == "cpu" for v in outs.values())
+    assert np.array_equal(outs["onnxcam_heatmaps"].numpy(), ref.heatmaps)
+    assert np.array_equal(outs["onnxcam_maps"].numpy(), ref.maps)
+    assert np.array_equal(outs["onnxcam_targets"].numpy(), [3, 7])
+    # a device-resident OrtValue input, numpy out: same Explanation as explain()
+    _same(ref, demo.explain_bound(xv, [3, 7]))
+    # the heatmap OrtValue can be handed to torch without a copy (docs/gpu.md)
+    torch = pytest.importorskip("torch")
+    heat = torch.from_dlpack(outs["onnxcam_heatmaps"])
+    assert heat.data_ptr() == outs["onnxcam_heatmaps"].data_ptr() and np.array_equal(heat.numpy(), ref.heatmaps)
+
+
+def test_explain_bound_checks_its_inputs(demo):
+    x = _batch(1)
+    with pytest.raises(OnnxcamError, match="dtype float64"):
+        demo.explain_bound(ort.OrtValue.ortvalue_from_numpy(x.astype(np.float64), "cpu", 0))
+    with pytest.raises(OnnxcamError, match="expects rank 4"):
+        demo.explain_bound(ort.OrtValue.ortvalue_from_numpy(x[0], "cpu", 0))
+    with pytest.raises(OnnxcamError, match="int64 OrtValue of shape"):
+        demo.explain_bound(x, ort.OrtValue.ortvalue_from_numpy(np.array([1, 2], np.int64), "cpu", 0))
+    with pytest.raises(OnnxcamError, match="out of range"):
+        demo.explain_bound(x, 5000)
+    with pytest.raises(OnnxcamError, match="unknown input"):
+        demo.explain_bound({"nope": x})
+
+
+def _conv_pool_model() -> onnx.ModelProto:
+    """Conv -> Relu -> MaxPool -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (dynamic batch)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n) for n, s in
+             (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (6, 4, 3, 3)), ("b2", (6,)), ("wf", (5, 6)), ("bf", (5,)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "convpool", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# -- node placement -----------------------------------------------------------------------------
+def test_placement_of_the_demo_explain_graph_is_all_cpu(demo):
+    placement = runtime.node_placement(demo)
+    assert list(placement) == [CPU]
+    ops = {op for _, op in placement[CPU]}
+    # the backward and the CAM arithmetic are there, not only the forward
+    assert {"ArgMax", "ReduceMean", "Resize"} <= ops, ops
+    assert len(placement[CPU]) > 50
+
+
+def test_placement_lists_the_gradient_ops_of_guided_backprop():
+    model = _conv_pool_model()
+    ex = Explainer(model, method="guided-backprop", device="cpu")
+    x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    _same(ex.explain(x), ex.explain_bound(x))
+    assert np.array_equal(ex.explain(x).guided, ex.explain_bound(x).guided)
+    placement = runtime.node_placement(ex)
+    assert list(placement) == [CPU]
+    ops = {op for _, op in placement[CPU]}
+    assert {"ConvTranspose", "ScatterElements"} <= ops, ops
+    # the same listing from a ModelProto and from a plain session of the explain graph
+    assert {op for _, op in runtime.node_placement(ex.model)[CPU]} == ops
+    plain = ort.InferenceSession(ex.model.SerializeToString(), providers=[CPU])
+    assert {op for _, op in runtime.node_placement(plain)[CPU]} == ops
+    # ... and of the plain model (no onnxcam inputs)
+    assert "ConvTranspose" not in {op for _, op in runtime.node_placement(model)[CPU]}
+
+
+def test_placement_errors(monkeypatch):
+    with pytest.raises(OnnxcamError, match="not available"):
+        runtime.node_placement(_conv_pool_model(), providers=[CUDA])
+    with pytest.raises(OnnxcamError, match="node_placement takes"):
+        runtime.node_placement(42)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def test_cli_explain_prints_the_provider(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "explain", MODEL, CAT, "-o", tmp_path / "a.png", "--device", "cpu")
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
+    assert "Egyptian cat" in lines[0] and lines[0].endswith(f"[{CPU}]") and len(lines) == 6
+    code, stdout, stderr = run_cli(capsys, "explain", MODEL, CAT, "-o", tmp_path / "b.png", "--json",
+                                   "--device", "auto")
+    assert code == 0, stderr
+    assert json.loads(stdout)["provider"] == CPU
+
+
+@pytest.mark.parametrize("args", [
+    ("explain", MODEL, CAT, "--device", "cuda"),
+    ("evaluate", MODEL, ROOT / "models", "--device", "cuda"),
+    ("serve", MODEL, "--device", "cuda", "--port", "0"),
+    ("providers", MODEL, "--device", "cuda"),
+])
+def test_cli_cuda_without_cuda_is_one_line(args, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fastapi") if args[0] == "serve" else None
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 2, (stdout, stderr)
+    assert stderr.strip().splitlines() == [f"onnxcam: error: {CUDA_MESSAGE}"]
+
+
+def test_cli_device_option_is_validated(capsys):
+    code, _, stderr = run_cli(capsys, "explain", MODEL, CAT, "--device", "tpu")
+    assert code == 2 and "tpu" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_cli_providers_counts(capsys):
+    code, stdout, stderr = run_cli(capsys, "providers", MODEL)
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert f"[{CPU}]" in lines[0] and lines[1].strip().startswith(f"{CPU}:")
+    assert "Conv" in lines[2] and "fallback" not in stdout  # CPU requested: nothing to flag
+    code, stdout, stderr = run_cli(capsys, "providers", MODEL, "--json")
+    doc = json.loads(stdout)
+    assert list(doc["placement"]) == [CPU] and doc["cpu_fallback"] == [] and doc["provider"] == CPU
+
+
+def test_cli_providers_flags_cpu_fallback(capsys, monkeypatch):
+    """A GPU session whose nodes land on the CPU: simulated by faking the session's providers."""
+    import onnxcam.explainer as ex_mod
+
+    real = ex_mod.Explainer.__init__
+
+    def fake_init(self, *a, **k):
+        k.pop("device", None)
+        real(self, *a, **k)
+        self.session = _FakeSession(self.session)
+
+    monkeypatch.setattr(ex_mod.Explainer, "__init__", fake_init)
+    monkeypatch.setattr(runtime, "node_placement",
+                        lambda e: {CUDA: [("conv", "Conv")], CPU: [("shape_1", "Shape"), ("scatter", "ScatterND")]})
+    code, stdout, stderr = run_cli(capsys, "providers", MODEL, "--device", "cuda")
+    assert code == 0, stderr
+    assert "CPU fallback: 2 node(s)" in stdout and "! ScatterND" in stdout
+
+
+class _FakeSession:
+    def __init__(self, s):
+        self._s = s
+
+    def get_providers(self):
+        return [CUDA, CPU]
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+
+def test_bench_gpu_parses_its_options():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gpu.py"), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "--device" in result.stdout and "--batches" in result.stdout
