@@ -101,20 +101,22 @@ def node_placement(session_or_model, providers: Sequence | None = None, feeds: d
     import os
     import tempfile
 
+    from .build import SIGN, TARGET
     from .explainer import Explainer
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     model = session_or_model
-    if isinstance(model, Explainer):
-        providers = providers if providers is not None else model.session.get_providers()
+    if isinstance(model, Explainer):  # its providers as given (with their options), its optimisation level
+        options.graph_optimization_level = model.session.get_session_options().graph_optimization_level
+        if providers is None:
+            providers = model.providers if model.providers is not None else model.session.get_providers()
         model = model.model
     elif isinstance(model, ort.InferenceSession):
         src = getattr(model, "_model_bytes", None) or getattr(model, "_model_path", None)
         if src is None:
             raise OnnxcamError("cannot recover the model from this InferenceSession; pass the model instead")
-        old = model.get_session_options()
-        options.graph_optimization_level = old.graph_optimization_level
+        options.graph_optimization_level = model.get_session_options().graph_optimization_level
         providers = providers if providers is not None else model.get_providers()
         model = src
     if isinstance(model, onnx.ModelProto):
@@ -140,9 +142,9 @@ def node_placement(session_or_model, providers: Sequence | None = None, feeds: d
             dtype = _NP_TYPES.get(i.type)
             if dtype is None:
                 raise OnnxcamError(f"input '{i.name}' has type {i.type}; pass feeds=")
-            if i.name == "onnxcam_target":
+            if i.name == TARGET:
                 run_feeds[i.name] = np.full(shape, -1, np.int64)
-            elif i.name == "onnxcam_sign":
+            elif i.name == SIGN:
                 run_feeds[i.name] = np.ones(shape, np.float32)
             elif dtype.kind == "f":
                 run_feeds[i.name] = rng.standard_normal(shape).astype(dtype)
