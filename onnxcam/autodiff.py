@@ -12,7 +12,7 @@ from onnx import TensorProto
 
 from . import rules
 from .errors import OnnxcamError, UnsupportedOpError
-from .graph import Emitter, ModelView, node_label
+from .graph import Emitter, ModelView, ancestors, node_label
 from .rules.registry import Context, lookup
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -44,17 +44,7 @@ def active_tensors(view: ModelView, of: str, wrt: Sequence[str]) -> set[str]:
             for o in node.output:
                 if o and (_is_float(view, o) or node.op_type in STRAIGHT_THROUGH):
                     forward.add(o)
-    backward: set[str] = set()
-    stack = [of]
-    while stack:
-        t = stack.pop()
-        if t in backward:
-            continue
-        backward.add(t)
-        node = view.producer.get(t)
-        if node is not None:
-            stack.extend(i for i in node.input if i)
-    return forward & backward
+    return forward & ancestors(view, [of])
 
 
 def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,

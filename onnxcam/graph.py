@@ -280,11 +280,9 @@ def value_info(name: str, elem_type: int, shape: Sequence[Dim] | None) -> onnx.V
     return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
 
 
-def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
-    """Drops nodes, initializers and inputs that do not feed `outputs`."""
-    view = ModelView(model)
+def ancestors(view: ModelView, outputs: Sequence[str]) -> set[str]:
+    """Every tensor that `outputs` are computed from (themselves included)."""
     needed: set[str] = set()
-    keep: set[int] = set()
     stack = list(outputs)
     while stack:
         t = stack.pop()
@@ -292,14 +290,19 @@ def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
             continue
         needed.add(t)
         node = view.producer.get(t)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
+        if node is not None:
             stack.extend(i for i in node.input if i)
             for attr in node.attribute:  # subgraphs (If/Loop) may read outer tensors
                 if attr.g is not None:
                     for sub in attr.g.node:
                         stack.extend(i for i in sub.input if i)
-    nodes = [n for n in model.graph.node if id(n) in keep]
+    return needed
+
+
+def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
+    """Drops nodes, initializers and inputs that do not feed `outputs`."""
+    needed = ancestors(ModelView(model), outputs)
+    nodes = [n for n in model.graph.node if any(o in needed for o in n.output)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     inits = [t for t in model.graph.initializer if t.name in needed]
