@@ -25,6 +25,7 @@ from . import methods
 from .autodiff import active_tensors, gradient
 from .errors import OnnxcamError
 from .graph import Emitter, ModelView, ensure_opset, infer_shapes, opset_version
+from .layouts import LayerLayout, effective_rank, to_channels_first
 
 TARGET = "onnxcam_target"
 SIGN = "onnxcam_sign"
@@ -68,6 +69,10 @@ class Spec:
     method: str = "gradcam"
     layout: str = "NCHW"  # of the image input: where its spatial dims are
     guided_ops: tuple[str, ...] = DEFAULT_GUIDED_OPS
+    layer_layouts: tuple[LayerLayout, ...] = ()  # per layer; empty: all channels-first
+
+    def layouts(self) -> tuple[LayerLayout, ...]:
+        return self.layer_layouts or tuple(LayerLayout() for _ in self.layers)
 
 
 def _spatial_size(emit: Emitter, image: str, rank: int, layout: str) -> str:
@@ -115,18 +120,24 @@ def _as_float(emit: Emitter, view: ModelView, name: str, like: str) -> str:
 
 
 def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool = True,
-                        keep_outputs: bool = False) -> onnx.ModelProto:
-    """Rewrites a (shape-inferred, private) copy of `model` into the fused explain graph described above."""
+                        keep_outputs: bool = False, weights_axis: int | None = None) -> onnx.ModelProto:
+    """Rewrites a (shape-inferred, private) copy of `model` into the fused explain graph described above.
+    `weights_axis` set: the seed is a per-sample weight tensor over the score instead of the one-hot
+    (inputs `onnxcam_weights`/`_select`/`_group`, outputs the score in its own shape and
+    `onnxcam_target_scores`; see onnxcam/targets.py, whose in-graph argmax runs over that axis)."""
     method = methods.get_method(spec.method)
     model = prepare(model, spec)
     view = ModelView(model)
     graph = model.graph
     emit = Emitter.for_model(model)
-    ranks = [view.rank(layer) for layer in spec.layers]
+    raw_ranks = [view.rank(layer) for layer in spec.layers]
     image_rank = view.rank(spec.image)
-    for layer, rank in zip(spec.layers, ranks):
+    layouts = spec.layouts()
+    for layer, rank in zip(spec.layers, raw_ranks):
         if rank is None or rank < 3:
             raise OnnxcamError(f"layer '{layer}' is not a feature map (rank {rank})")
+    ranks = [effective_rank(lay, r) for lay, r in zip(layouts, raw_ranks)]
+    for layer, rank in zip(spec.layers, ranks):
         if image_rank is not None and rank != image_rank:
             raise OnnxcamError(f"layer '{layer}' has rank {rank} but the input has rank {image_rank}: its "
                                f"spatial dims cannot be mapped onto the input's")
@@ -137,23 +148,34 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
         emit.op("Identity", [tensor], outputs=[name])
         outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    seed, score_f, target = _seed(emit, view, spec.score, sign_input)
-    output(score_f, SCORES, f32, ["N", "K"])
-    output(target, TARGETS, TensorProto.INT64, ["N"])
+    if weights_axis is None:
+        seed, score_f, target = _seed(emit, view, spec.score, sign_input)
+        output(score_f, SCORES, f32, ["N", "K"])
+        output(target, TARGETS, TensorProto.INT64, ["N"])
+        target_inputs = [helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"])]
+    else:
+        from .targets import weighted_seed
+
+        seed, target_outputs, target_inputs = weighted_seed(emit, view, spec.score, weights_axis, sign_input)
+        for tensor, name, elem_type, shape in target_outputs:
+            output(tensor, name, elem_type, shape)
     layer_dims = [["N", f"C{i}", *[f"h{i}_{d}" for d in range(r - 2)]] for i, r in enumerate(ranks)]
     image_dims = ["N", *[f"H{d}" for d in range(image_rank - 2)]]
 
     if method.kind == "perturbation":
         for i, layer in enumerate(spec.layers):
-            output(_as_float(emit, view, layer, layer), activations_name(i), f32, layer_dims[i])
+            acts = to_channels_first(emit, _as_float(emit, view, layer, layer), layouts[i], raw_ranks[i])
+            output(acts, activations_name(i), f32, layer_dims[i])
     else:
         grads = {}
         if method.needs_gradients:
             grads = gradient(model, of=spec.score, wrt=list(spec.layers), seed=seed, emit=emit)
         cams = []
         for i, layer in enumerate(spec.layers):
-            acts = _as_float(emit, view, layer, layer)
-            g = _as_float(emit, view, grads[layer], layer) if grads else acts
+            # The same relabelling of activations and gradients: exactly the channels-first view's gradient.
+            acts = to_channels_first(emit, _as_float(emit, view, layer, layer), layouts[i], raw_ranks[i])
+            g = to_channels_first(emit, _as_float(emit, view, grads[layer], layer), layouts[i], raw_ranks[i]) \
+                if grads else acts
             weighted = method.weighting(emit, acts, g, ranks[i]) if method.weighting else methods.gradcam(
                 emit, acts, g, ranks[i])
             output(weighted, weighted_name(i), f32, layer_dims[i])
@@ -180,7 +202,7 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
                 output(emit.op("Mul", [guided, up]), GUIDED_GRADCAM, f32, in_shape)
     emit.commit(model)
 
-    graph.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
+    graph.input.extend(target_inputs)
     if sign_input:
         graph.input.append(helper.make_tensor_value_info(SIGN, TensorProto.FLOAT, [1]))
     if not keep_outputs:

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import build, methods, perturb, preprocess, rewrite
+from . import build, layouts, methods, perturb, preprocess, rewrite
+from . import targets as target_kinds
 from .errors import OnnxcamError
 from .graph import ModelLike, ModelView, infer_shapes, load_model
 from .runtime import first_line, make_session, ortvalue_dtype, resolve_device, session_device
@@ -29,6 +30,9 @@ class Explanation:
     guided: np.ndarray | None = None
     maps_per_layer: list = field(default_factory=list)
     extras: dict = field(default_factory=dict)
+    # Target objects (onnxcam.targets): (N,) the differentiated scalar y = <W, score> per sample; `targets` then
+    # holds the target objects and `scores` the score in the output's own shape.
+    target_scores: np.ndarray | None = None
 
 
 # pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x intensity factor.
@@ -60,10 +64,18 @@ class Explainer:
         self.input_shapes = {n: view.shape(n) for n in self.input_names}
         self.input_dtypes = {n: view.np_dtype(n) for n in self.input_names}
         self.layout = layout or _guess_layout(self.input_shapes[self.image_input])
-        self.layer_ranks = [view.rank(name) for name in self.layers]
+        self.layer_layouts = tuple(layouts.layer_layout(view, name, self.image_input, self.layout)
+                                   for name in self.layers)
+        self.layer_ranks = [layouts.effective_rank(lay, view.rank(name))
+                            for lay, name in zip(self.layer_layouts, self.layers)]
         self.image_rank = view.rank(self.image_input)
+        if method == "ablationcam" and any(lay.kind != layouts.CHANNELS_FIRST for lay in self.layer_layouts):
+            bad = next(lay for lay in self.layer_layouts if lay.kind != layouts.CHANNELS_FIRST)
+            raise OnnxcamError(f"Ablation-CAM needs a channels-first layer; '{self.layer}' is {bad.describe()} "
+                               f"(use gradcam, scorecam or another method)")
         spec = build.Spec(image=self.image_input, layers=self.layers, score=self.score, method=method,
-                          layout=self.layout, guided_ops=tuple(guided_ops))
+                          layout=self.layout, guided_ops=tuple(guided_ops), layer_layouts=self.layer_layouts)
+        self._spec = spec  # kept for the weighted-target graph (onnxcam.targets), built on first use
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
         self.session_options = session_options
@@ -118,13 +130,19 @@ class Explainer:
     def explain(self, inputs: np.ndarray | Mapping[str, np.ndarray], targets=None,
                 counterfactual: bool = False, aug_smooth: bool = False, eigen_smooth: bool = False,
                 channels: Sequence[int] | None = None, progress=None) -> Explanation:
-        """Explains a batch. `targets`: None (argmax), one int, or one int per sample. `counterfactual`
+        """Explains a batch. `targets`: None (argmax), one int, or one int per sample; or target objects of
+        onnxcam.targets (IndexTarget, RegionTarget, DetectionTarget: one, or one per sample). `counterfactual`
         negates the gradients (gradient methods). `aug_smooth`: average over flips x intensity factors
         (pytorch-grad-cam's test-time augmentation); `eigen_smooth`: first principal component of the
         weighted activations instead of their channel sum. `channels`: for Score-CAM / Ablation-CAM, the
         channels to perturb (default all); `progress(n)` is called as perturbed batches finish."""
         feeds = self._feeds(inputs)
         n = feeds[self.image_input].shape[0]
+        if target_kinds.is_target_request(targets):  # index tuples, regions, boxes: onnxcam/targets.py
+            if aug_smooth:
+                raise OnnxcamError("aug_smooth flips the image, which moves regions and boxes; use it with class "
+                                   "targets")
+            return target_kinds.explain(self, feeds, targets, counterfactual, eigen_smooth, channels, progress)
         target_vec = self._targets(targets, n)
         if counterfactual and self.method_info.kind == "perturbation":
             raise OnnxcamError(f"counterfactual maps need gradients; method '{self.method}' uses none")
@@ -280,7 +298,8 @@ class Explainer:
 
     def _channels(self, i: int) -> int:
         shape = ModelView(self._inferred).shape(self.layers[i])
-        return shape[1] if shape is not None and isinstance(shape[1], int) else 0
+        axis = 1 if self.layer_layouts[i].kind == layouts.CHANNELS_FIRST else -1
+        return shape[axis] if shape is not None and isinstance(shape[axis], int) else 0
 
     def _aug_smooth(self, feeds, targets, counterfactual, eigen_smooth, channels, progress) -> Explanation:
         x = feeds[self.image_input]

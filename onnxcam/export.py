@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import build, methods, rewrite
+from . import build, layouts, methods, rewrite
 from .errors import OnnxcamError
 from .graph import Emitter, ModelLike, ModelView, infer_shapes, load_model, prune
 
@@ -45,14 +45,16 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
     shape = view.shape(image)
     layout = layout or ("NHWC" if shape is not None and len(shape) == 4 and shape[-1] in (1, 3)
                         and shape[1] not in (1, 3) else "NCHW")
-    spec = build.Spec(image=image, layers=layers, score=score, method=method, layout=layout)
+    layer_layouts = tuple(layouts.layer_layout(view, name, image, layout) for name in layers)
+    spec = build.Spec(image=image, layers=layers, score=score, method=method, layout=layout,
+                      layer_layouts=layer_layouts)
     m = build.build_explain_graph(inferred, spec, sign_input=False, keep_outputs=True)
 
     emit = Emitter.for_model(m)
     if heatmap_size == "input":
         heat = build.HEATMAPS
     else:
-        heat = methods.normalize(emit, build.MAPS, view.rank(layers[0]) - 1)
+        heat = methods.normalize(emit, build.MAPS, layouts.effective_rank(layer_layouts[0], view.rank(layers[0])) - 1)
     emit.op("Identity", [heat], outputs=[heatmap_name])
     emit.commit(m)
 
@@ -68,8 +70,12 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
 
     originals = [o.name for o in source.graph.output]
     kept = [o for o in m.graph.output if o.name in originals]
-    source_shape = view.shape(image) if heatmap_size == "input" else view.shape(layers[0])
-    spatial = source_shape[1:-1] if heatmap_size == "input" and layout == "NHWC" else source_shape[2:]
+    if heatmap_size == "input":
+        source_shape = view.shape(image)
+        spatial = source_shape[1:-1] if layout == "NHWC" else source_shape[2:]
+    else:
+        source_shape = view.shape(layers[0])
+        spatial = layouts.spatial_dims(layer_layouts[0], source_shape)
     heat_dims = [source_shape[0] if isinstance(source_shape[0], int) else "N",
                  *[d if isinstance(d, int) else f"H{i}" for i, d in enumerate(spatial)]]
     del m.graph.output[:]

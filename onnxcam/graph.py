@@ -57,7 +57,51 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:
             raise OnnxcamError(f"ONNX shape inference failed: {str(exc).splitlines()[0]}") from None
     inferred.ir_version = ir
+    _probe_ranks(inferred)
     return inferred
+
+
+def _probe_ranks(model: onnx.ModelProto) -> None:
+    """Reshapes to a computed shape (Shape -> Gather -> Concat, as TorchScript exports attention) defeat ONNX
+    shape inference: every tensor after them has an unknown rank, and gradient rules need ranks. Ranks do not
+    depend on input values, so one onnxruntime pass on zeros (batch 1) recovers them; the dims stay unknown.
+    Skipped, leaving ranks unknown, when an input has other dynamic dims (no safe dummy size) or the probe
+    fails."""
+    g = model.graph
+    typed = {vi.name for vi in list(g.value_info) + list(g.input) + list(g.output) if dims_of(vi.type) is not None}
+    typed |= {t.name for t in g.initializer}
+    missing = [o for n in g.node if n.op_type != "Constant" for o in n.output if o and o not in typed]
+    if not missing:
+        return
+    inits = {t.name for t in g.initializer}
+    feeds = {}
+    for vi in g.input:
+        if vi.name in inits:
+            continue
+        dims = dims_of(vi.type)
+        if dims is None or any(not isinstance(d, int) for d in dims[1:]):
+            return
+        shape = [d if isinstance(d, int) else 1 for d in dims]
+        feeds[vi.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=m) for m in missing if m not in existing)
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = session.run(missing, feeds)
+    except Exception:
+        return
+    for name, value in zip(missing, values):
+        if isinstance(value, np.ndarray):
+            vi = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype),
+                                               [None] * value.ndim)
+            g.value_info.append(vi)
 
 
 def opset_version(model: onnx.ModelProto) -> int:

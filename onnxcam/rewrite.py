@@ -126,7 +126,9 @@ def default_layer(view: ModelView, image: str, score: str) -> str:
                     if nxt is None or nxt == image:
                         break
                     layer = nxt
-                return layer
+                if view.rank(layer) == max_rank - 1 and node.op_type in ("Gather", "Slice"):
+                    return _token_mixing_input(view, layer, path)
+                return _before_final_norm(view, layer, path)
             # A learned layer shrinks the map (e.g. a strided conv straight into Flatten): the layer
             # is the last spatial tensor after it.
             return first_spatial if first_spatial is not None else t
@@ -135,6 +137,50 @@ def default_layer(view: ModelView, image: str, score: str) -> str:
         return first_spatial
     raise OnnxcamError("cannot choose the target layer automatically (no spatial feature map found on the "
                        "way to the score); pass --layer NAME (see `onnxcam layers MODEL`)")
+
+
+def _before_final_norm(view: ModelView, layer: str, path: set[str]) -> str:
+    """Transformers (Swin) end with a per-position LayerNorm, then move channels first for the pool: the last
+    block's output is the tensor before both, as for CNNs the last block's output is what gets pooled."""
+    p = view.producer.get(layer)
+    if p is None or p.op_type != "Transpose" or p.input[0] not in path:
+        return layer
+    norm = view.producer.get(p.input[0])
+    if norm is None or norm.op_type != "LayerNormalization" or norm.input[0] not in path:
+        return layer
+    return norm.input[0]
+
+
+def _token_mixing_input(view: ModelView, tokens: str, path: set[str]) -> str:
+    """A head that reads one token (ViT's class token) sees the other tokens of the last block's output only
+    through that block's attention: after it, their gradient is exactly zero and so would be the map. The
+    layer is therefore the input of the last attention -- the nearest tensor shaped like the tokens behind the
+    last Softmax (torchvision's `encoder.layers[-1].ln_1`, pytorch-grad-cam's `blocks[-1].norm1`)."""
+    softmax = _nearest_back(view, tokens, path, lambda t: (p := view.producer.get(t)) is not None
+                            and p.op_type == "Softmax")
+    if softmax is None:
+        return tokens
+    want = view.shape(tokens)[1:]
+    found = _nearest_back(view, view.producer[softmax].input[0], path,
+                          lambda t: (s := view.shape(t)) is not None and len(s) == 3 and s[1:] == want)
+    return found or tokens
+
+
+def _nearest_back(view: ModelView, start: str, path: set[str], pred) -> str | None:
+    """Breadth-first walk back from `start` along the differentiated path: the nearest tensor satisfying pred."""
+    queue, seen = [start], {start}
+    while queue:
+        nxt = []
+        for t in queue:
+            if pred(t):
+                return t
+            node = view.producer.get(t)
+            for i in node.input if node is not None else ():
+                if i in path and i not in seen:
+                    seen.add(i)
+                    nxt.append(i)
+        queue = nxt
+    return None
 
 
 def layer_candidates(view: ModelView, image: str, score: str) -> list[LayerCandidate]:
