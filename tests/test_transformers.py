@@ -86,6 +86,8 @@ class Case:
     targets: list[int]
     explainer: onnxcam.Explainer
     result: onnxcam.Explanation
+    module_out: np.ndarray | None = None  # the layer module's output, PyTorch
+    ref_maps: np.ndarray | None = None  # autograd Grad-CAM maps
 
 
 @pytest.fixture(scope="module", params=[pytest.param((m, e), id=f"{m}-{e}", marks=pytest.mark.slow)
@@ -102,8 +104,10 @@ def case(request, tmp_path_factory) -> Case:
         logits = model(x).numpy()
     targets = [int(t) for t in np.argsort(-logits, axis=1)[:, 2]]  # 3rd-highest: not the argmax
     explainer = onnxcam.Explainer(path)
-    return Case(f"{name}/{exporter}", CASES[name], path, model, x, targets, explainer,
-                explainer.explain(x.numpy(), targets))
+    c = Case(f"{name}/{exporter}", CASES[name], path, model, x, targets, explainer,
+             explainer.explain(x.numpy(), targets))
+    c.module_out, c.ref_maps = _autograd_maps(c)
+    return c
 
 
 def _layer_value(path: str, tensor: str, x: np.ndarray) -> np.ndarray:
@@ -138,7 +142,7 @@ def _autograd_maps(case: Case) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_layer_and_layout_are_found(case: Case):
-    module_out, _ = _autograd_maps(case)
+    module_out = case.module_out
     value = _layer_value(case.path, case.explainer.layer, case.x.numpy())
     assert value.shape == module_out.shape, f"{case.label}: layer {case.explainer.layer} has shape {value.shape}"
     err = float(np.abs(value - module_out).max() / np.abs(module_out).max())
@@ -149,7 +153,7 @@ def test_layer_and_layout_are_found(case: Case):
 
 
 def test_maps_match_autograd(case: Case):
-    _, ref = _autograd_maps(case)
+    ref = case.ref_maps
     maps = case.result.maps
     assert maps.shape == ref.shape
     assert np.abs(ref).max() > 0, "reference maps are all zero: the test would prove nothing"
