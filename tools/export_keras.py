@@ -19,6 +19,10 @@ can check that the ONNX graph computes what Keras computes and which ONNX tensor
   keras_flatten  The classic Keras tutorial CNN: Conv-MaxPool-Conv-MaxPool-Flatten-Dropout-Dense(softmax).
                  Keras's Flatten reshapes to (tf.shape(x)[0], H*W*C), which tf2onnx writes as the
                  Shape -> Cast -> Slice -> Concat -> Reshape pattern of a dynamic-batch flatten.
+  keras_flatten_strided  Conv-MaxPool-Conv(stride 2)-Flatten-Dense(softmax): the flatten reads tf2onnx's
+                 Transpose of the last conv map back to NHWC.
+  keras_pointwise_head   Conv-Conv-Dense(on the 4-D map)-GlobalAveragePooling2D-Dense-Softmax: the last feature
+                 map stays channels-last (tf2onnx's Tensordot pattern), pooled by ReduceMean over axes [1, 2].
   keras_convnext Keras's ConvNeXt structure, small: patchify stem, LayerNormalization, blocks of
                  DepthwiseConv2D 7x7 + LayerNormalization + Dense/GELU(tanh)/Dense on the channels-last map +
                  residual, GlobalAveragePooling2D, LayerNormalization, Dense, softmax. The per-position Dense
@@ -107,6 +111,35 @@ def keras_flatten() -> tuple[keras.Model, keras.Model]:
     return keras.Model(inp, probs, name="keras_flatten"), keras.Model(inp, logits)
 
 
+def keras_flatten_strided() -> tuple[keras.Model, keras.Model]:
+    """Flatten straight after the last (strided) conv: tf2onnx transposes that conv's output back to NHWC
+    for the Reshape, so the last feature map the head reads is a channels-last Transpose output."""
+    inp = keras.Input((SIZE, SIZE, 3), name="image")
+    x = layers.Conv2D(8, 3, activation="relu", name="conv1")(inp)  # 62x62
+    x = layers.MaxPooling2D(2, name="pool1")(x)  # 31x31
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)  # 15x15: the last feature map
+    x = layers.Flatten(name="flatten")(x)
+    dense = layers.Dense(CLASSES, activation="softmax", name="dense")
+    probs = dense(x)
+    logits = keras.ops.matmul(x, dense.kernel) + dense.bias
+    return keras.Model(inp, probs, name="keras_flatten_strided"), keras.Model(inp, logits)
+
+
+def keras_pointwise_head() -> tuple[keras.Model, keras.Model]:
+    """A Dense layer applied to the 4-D map (a per-position 1x1 projection, as Keras users and Keras's own
+    ConvNeXt write pointwise convolutions) right before GlobalAveragePooling2D. tf2onnx writes it as a
+    Tensordot (Reshape -> MatMul -> Reshape) on the NHWC map, which its transpose optimizer cannot move
+    through: the last feature map stays channels-last, (N, 15, 15, 32), pooled by ReduceMean(axes=[1, 2])."""
+    inp = keras.Input((SIZE, SIZE, 3), name="image")
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv1")(inp)  # 31x31
+    x = layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)  # 15x15
+    x = layers.Dense(32, activation="relu", name="pw")(x)  # the last feature map, channels last
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    logits = layers.Dense(CLASSES, name="logits")(x)
+    probs = layers.Softmax(name="probs")(logits)
+    return keras.Model(inp, probs, name="keras_pointwise_head"), keras.Model(inp, logits)
+
+
 def _convnext_block(x, dim: int, name: str):
     """Keras's own ConvNeXt block (keras.applications.convnext): depthwise 7x7, LayerNormalization over
     channels, pointwise Dense layers on the channels-last map, GELU, layer scale, residual."""
@@ -170,6 +203,8 @@ def main() -> None:
     export("keras_cnn", keras_cnn, "pw_relu", out, rng)
     export("keras_flatten", keras_flatten, "conv2", out, rng)  # conv2's output includes its ReLU
     export("keras_convnext", keras_convnext, "s2b2_add", out, rng)
+    export("keras_flatten_strided", keras_flatten_strided, "conv2", out, rng)
+    export("keras_pointwise_head", keras_pointwise_head, "pw", out, rng)
 
 
 if __name__ == "__main__":
