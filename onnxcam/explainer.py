@@ -63,7 +63,7 @@ class Explainer:
         self.batch_size = batch_size
         self.input_shapes = {n: view.shape(n) for n in self.input_names}
         self.input_dtypes = {n: view.np_dtype(n) for n in self.input_names}
-        self.layout = layout or _guess_layout(self.input_shapes[self.image_input])
+        self.layout = layout or layouts.guess_image_layout(self.input_shapes[self.image_input])
         self.layer_layouts = tuple(layouts.layer_layout(view, name, self.image_input, self.layout)
                                    for name in self.layers)
         self.layer_ranks = [layouts.effective_rank(lay, view.rank(name))
@@ -400,12 +400,6 @@ def _static_classes(view: ModelView, score: str) -> int | None:
     if all(isinstance(d, int) for d in dims):
         return int(np.prod(dims)) if dims else 1
     return None
-
-
-def _guess_layout(shape) -> str:
-    if shape is not None and len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3):
-        return "NHWC"
-    return "NCHW"
 
 
 def _fmt_shape(shape) -> str:

@@ -43,8 +43,7 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
         if view.has_tensor(name) or name in view.graph_inputs:
             raise OnnxcamError(f"the model already has a tensor named '{name}'")
     shape = view.shape(image)
-    layout = layout or ("NHWC" if shape is not None and len(shape) == 4 and shape[-1] in (1, 3)
-                        and shape[1] not in (1, 3) else "NCHW")
+    layout = layout or layouts.guess_image_layout(shape)
     layer_layouts = tuple(layouts.layer_layout(view, name, image, layout) for name in layers)
     spec = build.Spec(image=image, layers=layers, score=score, method=method, layout=layout,
                       layer_layouts=layer_layouts)

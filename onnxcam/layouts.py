@@ -68,14 +68,23 @@ def _main_input(view: ModelView, node, path: set[str]) -> str | None:
     return max(ins, key=size)
 
 
-def channel_axis(view: ModelView, tensor: str, image: str, image_layout: str, limit: int = 100000) -> int | None:
+def guess_image_layout(shape) -> str:
+    """NHWC when the last dim looks like colour channels and the second does not."""
+    if shape is not None and len(shape) == 4 and shape[-1] in (1, 3) and shape[1] not in (1, 3):
+        return "NHWC"
+    return "NCHW"
+
+
+def channel_axis(view: ModelView, tensor: str, image: str, image_layout: str, limit: int = 100000,
+                 path: set[str] | None = None) -> int | None:
     """The channel axis of `tensor`, found by walking back to an op whose layout the ONNX spec fixes (a
     convolution, a norm, a pool) or to the image, and replaying the Transposes met on the way. None when a
     reshape (or an unknown op) makes it ambiguous."""
     from .autodiff import active_tensors
 
-    path = active_tensors(view, tensor, [image])
-    perms: list[list[int]] = []
+    # Any image-dependent input of a node behind `tensor` is itself behind it: a wider path gives the same walk.
+    path = path if path is not None else active_tensors(view, tensor, [image])
+    perms: list = []  # Transpose perms and last-axis-keeping reshapes met, latest first
     t = tensor
     for _ in range(limit):
         rank = view.rank(t)
@@ -97,6 +106,15 @@ def channel_axis(view: ModelView, tensor: str, image: str, image_layout: str, li
             perms.append(perm)
             t = node.input[0]
             continue
+        if node.op_type == "Reshape":
+            # A reshape that keeps the last axis only regroups the others (tf2onnx's Tensordot: a Dense on a
+            # feature map is Reshape (N*H*W, C) -> MatMul -> Reshape back): a last-axis channel stays last.
+            src, dst = view.shape(node.input[0]), view.shape(t)
+            if not src or not dst or not isinstance(src[-1], int) or src[-1] != dst[-1]:
+                return None
+            perms.append(("last", len(src), len(dst)))
+            t = node.input[0]
+            continue
         if node.op_type in _KEEPS_LAYOUT:
             if view.rank(node.output[0]) != rank:
                 return None
@@ -110,8 +128,14 @@ def channel_axis(view: ModelView, tensor: str, image: str, image_layout: str, li
         return None
     if axis is None:
         return None
-    for perm in reversed(perms):  # forward order: the earliest Transpose was appended last
-        axis = perm.index(axis)
+    for step in reversed(perms):  # forward order: the earliest Transpose/Reshape was appended last
+        if isinstance(step, tuple):
+            _, src_rank, dst_rank = step
+            if axis != src_rank - 1:
+                return None
+            axis = dst_rank - 1
+        else:
+            axis = step.index(axis)
     return axis
 
 
@@ -136,11 +160,32 @@ def token_grid(view: ModelView, layer: str, image: str, image_layout: str) -> La
                        f"square patches after dropping up to 8 leading tokens")
 
 
-def layer_layout(view: ModelView, layer: str, image: str, image_layout: str) -> LayerLayout:
+def _pooled_channel_axis(view: ModelView, layer: str, rank: int) -> int | None:
+    """When the walk back is inconclusive: a reduction over every axis but the batch and one, applied to the
+    layer (a global pool written as ReduceMean/ReduceMax), says the remaining axis holds the channels."""
+    for node in view.consumers.get(layer, []):
+        if not node.op_type.startswith("Reduce"):
+            continue
+        axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = view.constant_value(node.input[1])
+            axes = None if value is None else [int(a) for a in value.reshape(-1)]
+        if not axes:
+            continue
+        kept = set(range(1, rank)) - {a % rank for a in axes}
+        if len(kept) == 1 and 0 not in {a % rank for a in axes}:
+            return kept.pop()
+    return None
+
+
+def layer_layout(view: ModelView, layer: str, image: str, image_layout: str,
+                 path: set[str] | None = None) -> LayerLayout:
     rank, image_rank = view.rank(layer), view.rank(image)
     if rank == 3 and image_rank == 4:
         return token_grid(view, layer, image, image_layout)
-    axis = channel_axis(view, layer, image, image_layout)
+    axis = channel_axis(view, layer, image, image_layout, path=path)
+    if axis is None and rank is not None:
+        axis = _pooled_channel_axis(view, layer, rank)
     if rank is not None and rank >= 3 and axis == rank - 1:
         return LayerLayout(CHANNELS_LAST)
     return LayerLayout(CHANNELS_FIRST)

@@ -37,6 +37,7 @@ class LayerCandidate:
     shape: tuple
     spatial: tuple
     default: bool = False
+    layout: str = "channels-first"
 
 
 def image_input(view: ModelView) -> str:
@@ -185,11 +186,14 @@ def _nearest_back(view: ModelView, start: str, path: set[str], pred) -> str | No
 
 def layer_candidates(view: ModelView, image: str, score: str) -> list[LayerCandidate]:
     """Every spatial tensor (rank >= 3, produced by a node) between the image and the score, in graph order."""
+    from . import layouts
+
     path = path_tensors(view, image, score)
     try:
         chosen = default_layer(view, image, score)
     except OnnxcamError:
         chosen = None
+    image_layout = layouts.guess_image_layout(view.shape(image))
     out = []
     for node in view.graph.node:
         for o in node.output:
@@ -197,7 +201,13 @@ def layer_candidates(view: ModelView, image: str, score: str) -> list[LayerCandi
                 shape = view.shape(o)
                 if shape is None or len(shape) < 3:
                     continue
-                out.append(LayerCandidate(o, node.op_type, tuple(shape), _spatial(shape), o == chosen))
+                try:
+                    layout = layouts.layer_layout(view, o, image, image_layout, path=path)
+                except OnnxcamError:
+                    continue  # tokens that tile no grid: not a map
+                out.append(LayerCandidate(o, node.op_type, tuple(shape),
+                                          tuple(layouts.spatial_dims(layout, list(shape))), o == chosen,
+                                          layout.describe()))
     return out
 
 

@@ -170,3 +170,15 @@ def test_heatmaps_match_pytorch_grad_cam(case: Case):
     err = float(np.abs(case.result.heatmaps - ref).max())
     print(f"TRANSFORMER {case.label} heatmaps max abs err vs pytorch-grad-cam {err:.1e}")
     assert err < HEATMAP_ATOL
+
+
+def test_layers_listing_shows_grid_and_layout(case: Case):
+    from onnxcam import rewrite
+    from onnxcam.graph import ModelView, infer_shapes, load_model
+
+    view = ModelView(infer_shapes(load_model(case.path)))
+    cands = rewrite.layer_candidates(view, rewrite.image_input(view), rewrite.find_score(view))
+    default = [c for c in cands if c.default]
+    assert [c.name for c in default] == [case.explainer.layer]
+    assert default[0].layout == case.spec.layout.describe()
+    assert tuple(default[0].spatial) == tuple(case.result.maps.shape[1:])
