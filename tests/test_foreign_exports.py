@@ -32,9 +32,8 @@ For each model, batch 2:
            graph and without onnxruntime.
 
 keras_pointwise_head's last feature map is channels-last (N, h, w, C): its maps must be (N, h, w) over the
-positions, computed on the channels-first view. The layout has to be recognised through tf2onnx's Tensordot
-(Reshape-MatMul-Reshape) and the ReduceMean over axes [1, 2]; until onnxcam does, its map tests fail (by design:
-they state the correct expectation).
+positions, computed on the channels-first view. onnxcam finds that layout itself (onnxcam/layouts.py: the channel
+axis survives the Tensordot's last-axis-keeping Reshapes, and the ReduceMean over axes [1, 2] confirms it).
 """
 from __future__ import annotations
 
