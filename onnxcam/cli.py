@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from . import methods, preprocess, render
+from . import targets as target_kinds
 from .errors import OnnxcamError
 
 EXIT_USAGE = 2
@@ -125,7 +126,15 @@ def cli() -> None:
 @click.option("--layer", "layers", multiple=True,
               help="ONNX tensor to explain (default: the last spatial feature map; see `onnxcam layers`). "
                    "Repeat to average several layers.")
-@click.option("--target", help="Class index or label to explain (default: the top-scoring class).")
+@click.option("--target", help="Class index or label to explain (default: the top-scoring class), or an index "
+                                "tuple into one sample's output, e.g. 0,3,5 (see docs/targets.md).")
+@click.option("--region", help="Segmentation: CLASS[:MASK.png], class CLASS's logits summed over the mask (nonzero "
+                               "pixels, resized to the output grid) or, without a mask, over CLASS's predicted mask.")
+@click.option("--box", type=int, help="Detection (N, boxes, 5+classes output): explain box I; see --field.")
+@click.option("--field", help="With --box: objectness (default), class (the box's top class) or class:C.")
+@click.option("--input", "extra_inputs", multiple=True,
+              help="NAME=FILE.npy: a value for another input of a multi-input model (repeatable); the image is "
+                   "the explained input.")
 @click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
 @click.option("--counterfactual", is_flag=True, help="Negated gradients: regions that argue against the class.")
 @click.option("--aug-smooth", is_flag=True, help="Average over horizontal flips x intensity factors 0.9/1/1.1.")
@@ -147,7 +156,8 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @_device_option
 def explain(model, images, out, layers, target, method, counterfactual, aug_smooth, eigen_smooth, output_name,
-            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, device):
+            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, device,
+            region=None, box=None, field=None, extra_inputs=()):
     """Write a CAM overlay PNG for each IMAGE and print the top classes."""
     from .explainer import Explainer
 
@@ -169,14 +179,28 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     k = explainer.num_classes
     if labels is not None and k is not None and len(labels) != k:
         _fail(f"{len(labels)} labels given for a score with {k} classes")
-    target_index = _resolve_target(target, labels, k)
+    given = [flag for flag, value in (("--target", target), ("--region", region), ("--box", box)) if value is not None]
+    if len(given) > 1:
+        _fail(f"{' and '.join(given)} cannot be combined: give one target")
+    if field is not None and box is None:
+        _fail("--field goes with --box")
+    if region is not None:  # targets beyond a class index: onnxcam/targets.py
+        target_index = target_kinds.parse_region(region, labels)
+    elif box is not None:
+        target_index = target_kinds.parse_box(box, field)
+    elif target is not None and "," in target and target.replace(",", "").replace("-", "").strip().isdigit():
+        target_index = target_kinds.parse_index(target)
+    else:
+        target_index = _resolve_target(target, labels, k)
+    other_inputs = target_kinds.load_inputs(extra_inputs, explainer)
     pp = explainer.preprocessing(**overrides)
     pils = [preprocess.load_image(img) for img in images]
     tensors = [preprocess.to_tensor(p, pp) for p in pils]
     opts = dict(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
 
     def run(batch: np.ndarray, cf: bool, progress=None):
-        return explainer.explain(batch, target_index, counterfactual=cf, progress=progress, **opts)
+        return explainer.explain(target_kinds.batch_feeds(explainer, batch, other_inputs), target_index,
+                                 counterfactual=cf, progress=progress, **opts)
 
     def run_all(cf: bool):
         total = explainer.perturbation_count(len(tensors)) * (6 if aug_smooth else 1)
@@ -189,10 +213,11 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     result = run_all(counterfactual and not panel)
     contrary = run_all(True) if panel else None
 
-    name = (lambda i: labels[i] if labels is not None and i < len(labels) else str(i))
+    name = (lambda i: target_kinds.describe(i) if isinstance(i, target_kinds.Target)
+            else labels[i] if labels is not None and i < len(labels) else str(i))
     records = []
     for i, (img, pil, path) in enumerate(zip(images, pils, paths)):
-        t = int(result.targets[i])
+        t = result.targets[i] if result.target_scores is not None else int(result.targets[i])
         overlay = render.overlay(pil, result.heatmaps[i], alpha=alpha)
         if panel:
             gb = render.gradient_image(result.extras["guided_backprop"][i], explainer.layout, pil.size)
@@ -208,18 +233,23 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         render.save_png(picture, path)
         scores = result.scores[i]
         probs = _softmax(scores.astype(np.float64))
-        order = np.argsort(-scores)[:top]
+        order = np.argsort(-scores)[:top] if scores.ndim == 1 else []  # a class list only for (N, K) scores
         records.append({
             "image": img, "output": str(path), "layers": list(explainer.layers), "method": method,
-            "counterfactual": counterfactual, "target": t, "target_label": name(t), "provider": explainer.provider,
+            "counterfactual": counterfactual, "target": name(t) if result.target_scores is not None else t,
+            "target_label": name(t), "provider": explainer.provider,
             "top": [{"class": int(c), "label": name(int(c)), "score": float(scores[c]),
                      "probability": float(probs[c])} for c in order],
         })
+        if result.target_scores is not None:  # the differentiated scalar y = <W, score>
+            records[-1]["target_score"] = float(result.target_scores[i])
     if as_json:
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return
     for rec in records:
-        click.echo(f"{rec['image']}: {method} for class {rec['target']} ({rec['target_label']}) at layer "
+        what = f"{rec['target']} (score {rec['target_score']:.4f})" if "target_score" in rec else \
+            f"class {rec['target']} ({rec['target_label']})"
+        click.echo(f"{rec['image']}: {method} for {what} at layer "
                    f"{', '.join(rec['layers'])} -> {rec['output']} [{rec['provider']}]")
         for rank, entry in enumerate(rec["top"], 1):
             click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
@@ -232,7 +262,7 @@ def _run_batched(explainer, tensors, run):
         return run(np.concatenate(tensors))
     parts = [run(t) for t in tensors]
     result = parts[0]
-    for field in ("maps", "heatmaps", "scores", "targets", "guided"):
+    for field in ("maps", "heatmaps", "scores", "targets", "guided", "target_scores"):
         if getattr(result, field) is not None:
             setattr(result, field, np.concatenate([getattr(p, field) for p in parts]))
     for key in result.extras:

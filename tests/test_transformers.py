@@ -182,3 +182,65 @@ def test_layers_listing_shows_grid_and_layout(case: Case):
     assert [c.name for c in default] == [case.explainer.layer]
     assert default[0].layout == case.spec.layout.describe()
     assert tuple(default[0].spatial) == tuple(case.result.maps.shape[1:])
+
+
+class TinyViT(torch.nn.Module):
+    """A DeiT-style transformer small enough to export in a second: 4x4 patches of 8 px on a 32x32 input, pre-norm
+    blocks; `tokens` leading tokens (2 = DeiT's class + distillation, whose head averages both; 0 = mean-pooled
+    patch tokens, no class token)."""
+
+    def __init__(self, tokens: int, dim: int = 32, classes: int = 10):
+        super().__init__()
+        self.tokens = tokens
+        self.patch = torch.nn.Conv2d(3, dim, 8, 8)
+        self.extra = torch.nn.Parameter(torch.randn(1, tokens, dim) * 0.5)
+        self.pos = torch.nn.Parameter(torch.randn(1, tokens + 16, dim) * 0.5)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(2))
+        self.norm = torch.nn.LayerNorm(dim)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, classes) for _ in range(max(tokens, 1)))
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.extra.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        for block in self.blocks:
+            t = block(t)
+        t = self.norm(t)
+        if self.tokens == 0:
+            return self.heads[0](t.mean(1))
+        return sum(head(t[:, i]) for i, head in enumerate(self.heads)) / self.tokens
+
+
+@pytest.mark.parametrize("exporter", torch_export.EXPORTERS)
+@pytest.mark.parametrize("tokens", [2, 0], ids=["class+distillation", "mean-pooled"])
+def test_leading_tokens_are_dropped_and_the_grid_found(tmp_path, tokens, exporter):
+    torch.manual_seed(tokens)
+    model = TinyViT(tokens).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    path = str(tmp_path / "tiny_vit.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_export.export(model, x, path, exporter)
+    ex = onnxcam.Explainer(path)
+    assert ex.layer_layouts[0] == LayerLayout(TOKENS, tokens, (4, 4))
+    # The reference layer: with a class-token head, the last block's attention input (its norm1); with a mean over
+    # all tokens every token reaches the score, so the last tensor before the pool (the final norm) is right.
+    module = model.blocks[-1].norm1 if tokens else model.norm
+    saved = {}
+
+    def hook(mod, inp, out):
+        saved["a"] = out
+        out.register_hook(lambda g: saved.__setitem__("g", g))
+
+    handle = module.register_forward_hook(hook)
+    logits = model(x)
+    handle.remove()
+    targets = [int(t) for t in np.argsort(-logits.detach().numpy(), axis=1)[:, 1]]
+    logits[torch.arange(2), torch.tensor(targets)].sum().backward()
+    grid = lambda t: t[:, tokens:, :].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)  # noqa: E731
+    a, g = grid(saved["a"].detach()), grid(saved["g"])
+    ref = torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1)).numpy()
+    maps = ex.explain(x.numpy(), targets).maps
+    assert np.abs(ref).max() > 0
+    assert np.linalg.norm(maps - ref) / np.linalg.norm(ref) < MAPS_RTOL
