@@ -177,7 +177,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
                           output=output_name, batch_size=batch_size, device=device)
     labels = preprocess.labels_from_file(labels_file) if labels_file else explainer.labels
     k = explainer.num_classes
-    if labels is not None and k is not None and len(labels) != k:
+    # A segmentation model's labels name its class axis, not every element of the flattened score.
+    if labels is not None and k is not None and len(labels) != k and region is None:
         _fail(f"{len(labels)} labels given for a score with {k} classes")
     given = [flag for flag, value in (("--target", target), ("--region", region), ("--box", box)) if value is not None]
     if len(given) > 1:
@@ -285,12 +286,13 @@ def layers(model, output_name, as_json):
     cands = rewrite.layer_candidates(view, image, score)
     if as_json:
         click.echo(json.dumps([{"name": c.name, "op": c.op, "shape": list(c.shape), "spatial": list(c.spatial),
-                                "default": c.default} for c in cands], indent=2))
+                                "default": c.default, "layout": c.layout} for c in cands], indent=2))
         return
     click.echo(f"input: {image}   score: {score}")
     fmt = lambda dims: "x".join("?" if d is None else str(d) for d in dims)  # noqa: E731
     for c in cands:
-        click.echo(f"{'*' if c.default else ' '} {c.name}  {c.op}  {fmt(c.shape)}  spatial {fmt(c.spatial)}")
+        layout = "" if c.layout == "channels-first" else f"  [{c.layout}]"
+        click.echo(f"{'*' if c.default else ' '} {c.name}  {c.op}  {fmt(c.shape)}  spatial {fmt(c.spatial)}{layout}")
 
 
 @cli.command("export")

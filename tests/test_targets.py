@@ -434,6 +434,18 @@ def test_cli_region_and_box(fcn, yolo_cli, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["target"] == "index (5,4)"
+    # --output-name: a non-first output, here the pre-sigmoid head (the objectness logit).
+    net, x, _, _ = yolo_cli
+    code = main(["explain", yolo_path, str(img), "--layer", yolo_layer, "--output-name", "raw", "--box", "5",
+                 "--json", "--preset", "unit", "-o", str(tmp_path / "raw.png")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    from onnxcam import preprocess
+
+    xi = preprocess.to_tensor(preprocess.load_image(str(img)), onnxcam.Explainer(yolo_path, layer=yolo_layer).preprocessing(
+        preset="unit"))
+    with torch.no_grad():
+        assert abs(json.loads(out)["target_score"] - float(net(torch.from_numpy(xi))[1][0, 5, 4])) < 1e-5
 
 
 def test_cli_target_errors(tiny_seg, yolo_cli, tmp_path, capsys):
