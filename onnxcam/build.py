@@ -124,9 +124,12 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
     """Rewrites a (shape-inferred, private) copy of `model` into the fused explain graph described above.
     `weights_axis` set: the seed is a per-sample weight tensor over the score instead of the one-hot
     (inputs `onnxcam_weights`/`_select`/`_group`, outputs the score in its own shape and
-    `onnxcam_target_scores`; see onnxcam/targets.py, whose in-graph argmax runs over that axis)."""
+    `onnxcam_target_scores`; see onnxcam/targets.py, whose in-graph argmax runs over that axis).
+    `model` itself is left untouched: callers keep it for the other graphs they derive from it."""
     method = methods.get_method(spec.method)
-    model = prepare(model, spec)
+    private = onnx.ModelProto()
+    private.CopyFrom(model)
+    model = prepare(private, spec)
     view = ModelView(model)
     graph = model.graph
     emit = Emitter.for_model(model)

@@ -266,22 +266,19 @@ def weighted_seed(emit, view, score: str, axis: int, sign_input: bool):
 # -- running (called by Explainer.explain for Target objects) ------------------------------------------------
 def _weighted_session(ex, axis: int):
     from . import build
-    from .graph import infer_shapes, load_model
     from .runtime import make_session
 
     key = ("weights", axis)
     with ex._aux_lock:
         if key not in ex._aux:
-            # From the source model: building the Explainer's own graph may have extended `ex._inferred`.
-            model = build.build_explain_graph(infer_shapes(load_model(ex.source_model)), ex._spec,
-                                              weights_axis=axis)
+            model = build.build_explain_graph(ex._inferred, ex._spec, weights_axis=axis)
             ex._aux[key] = make_session(model, ex.providers, ex.session_options)
         return ex._aux[key]
 
 
 def score_shape(ex, feeds) -> tuple:
     """The score's per-sample shape: static from the model, else from one forward run."""
-    from .graph import ModelView, infer_shapes, load_model, prune
+    from .graph import ModelView, load_model, prune
     from .runtime import make_session
 
     shape = ModelView(ex._inferred).shape(ex.score)
@@ -289,7 +286,7 @@ def score_shape(ex, feeds) -> tuple:
         return tuple(shape[1:])
     with ex._aux_lock:
         if "probe" not in ex._aux:
-            m = infer_shapes(load_model(ex.source_model))
+            m = load_model(ex._inferred)  # a private copy
             del m.graph.output[:]
             m.graph.output.append(helper.make_tensor_value_info(ex.score, ModelView(m).elem_type(ex.score), None))
             prune(m, [ex.score])

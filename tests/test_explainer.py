@@ -201,3 +201,16 @@ def test_from_existing_session_reuses_providers_and_options():
     assert ex.session.get_session_options().intra_op_num_threads == 1
     x = np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)
     np.testing.assert_allclose(ex.explain(x).scores, sess.run(None, {"image": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_building_the_explain_graph_leaves_its_input_untouched():
+    # Explainer keeps the shape-inferred model for the graphs it derives later (Score-CAM, Ablation-CAM, targets).
+    from onnxcam import build, rewrite
+    from onnxcam.graph import ModelView, infer_shapes, load_model
+
+    model = infer_shapes(load_model(MODEL))
+    before = model.SerializeToString()
+    view = ModelView(model)
+    image, score, layers = rewrite.resolve(view)
+    build.build_explain_graph(model, build.Spec(image=image, layers=layers, score=score))
+    assert model.SerializeToString() == before
