@@ -101,8 +101,39 @@ def _main_input(view: ModelView, node, path: set[str]) -> str | None:
     return max(ins, key=lambda i: _per_sample_size(view.shape(i)))
 
 
+def _dense(view: ModelView, score: str) -> bool:
+    """A score with positions of its own (segmentation (N, K, H, W), detection (N, boxes, fields)), not a vector
+    of class logits (possibly written as (N, K, 1, 1))."""
+    shape = view.shape(score)
+    return shape is not None and len(shape) >= 3 and any(d != 1 for d in shape[2:])
+
+
+def _head_input(view: ModelView, image: str, score: str, path: set[str]) -> str | None:
+    """Dense outputs are per-position predictions by a last conv (the segmentation classifier, the detection
+    head) followed by resizing and reshaping: the feature map that conv reads is what Grad-CAM explains. None
+    when something collapses the spatial dims first (then the score is a class vector after all)."""
+    t = score
+    while (node := view.producer.get(t)) is not None and t != image:
+        x = _main_input(view, node, path)
+        if x is None:
+            return None
+        if node.op_type in ("Conv", "ConvTranspose"):
+            while (p := view.producer.get(x)) is not None and p.op_type in _SKIP_BACK:
+                nxt = _main_input(view, p, path)
+                if nxt is None or nxt == image:
+                    break
+                x = nxt
+            return None if x == image else x
+        if node.op_type in _POOLING and node.op_type not in ("Slice", "Gather"):
+            return None
+        t = x
+    return None
+
+
 def default_layer(view: ModelView, image: str, score: str) -> str:
     path = path_tensors(view, image, score)
+    if _dense(view, score) and (head := _head_input(view, image, score, path)) is not None:
+        return head
     # A feature map has at most the image's rank; higher-rank tensors on the way are index plumbing
     # (e.g. dynamo's GatherND decomposition of adaptive pooling).
     max_rank = max(view.rank(image) or 4, 3)

@@ -479,3 +479,22 @@ def test_cli_target_errors(tiny_seg, yolo_cli, tmp_path, capsys):
         assert code == 2, (args, err)
         assert err.startswith("onnxcam: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
         assert message in err, (message, err)
+
+
+def _auto_layer(path) -> str:
+    from onnxcam import rewrite
+    from onnxcam.graph import infer_shapes, load_model
+
+    return rewrite.resolve(ModelView(infer_shapes(load_model(path))))[2][0]
+
+
+def test_dense_outputs_default_to_the_head_input(fcn, yolo, tiny_seg):
+    # Segmentation / detection scores keep positions; the default layer is the feature map the last
+    # (per-position) conv reads: FCN's classifier[2] ReLU (input of the 512->21 1x1 conv), the detector's
+    # backbone output, TinySeg's features -- not the output itself, and not a token reading of (N, boxes, fields).
+    _, _, _, fcn_path, _ = fcn
+    assert _auto_layer(fcn_path) == conv_input(fcn_path, [CLASSES, 512, 1, 1])
+    _, _, yolo_path, yolo_layer = yolo
+    assert _auto_layer(yolo_path) == yolo_layer
+    seg_path, seg_layer = tiny_seg
+    assert _auto_layer(seg_path) == seg_layer
