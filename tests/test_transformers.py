@@ -181,7 +181,10 @@ def test_layers_listing_shows_grid_and_layout(case: Case):
     default = [c for c in cands if c.default]
     assert [c.name for c in default] == [case.explainer.layer]
     assert default[0].layout == case.spec.layout.describe()
-    assert tuple(default[0].spatial) == tuple(case.result.maps.shape[1:])
+    # TorchScript's Swin export leaves H, W symbolic: a static dim must be the map's, a symbolic one stays a name.
+    assert len(default[0].spatial) == 2
+    for listed, actual in zip(default[0].spatial, case.result.maps.shape[1:]):
+        assert listed == actual or not isinstance(listed, int)
 
 
 class TinyViT(torch.nn.Module):
