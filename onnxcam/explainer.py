@@ -69,9 +69,10 @@ class Explainer:
         self.layer_ranks = [layouts.effective_rank(lay, view.rank(name))
                             for lay, name in zip(self.layer_layouts, self.layers)]
         self.image_rank = view.rank(self.image_input)
-        if method == "ablationcam" and any(lay.kind != layouts.CHANNELS_FIRST for lay in self.layer_layouts):
-            bad = next(lay for lay in self.layer_layouts if lay.kind != layouts.CHANNELS_FIRST)
-            raise OnnxcamError(f"Ablation-CAM needs a channels-first layer; '{self.layer}' is {bad.describe()} "
+        if method == "ablationcam" and any(lay.kind == layouts.TOKENS for lay in self.layer_layouts):
+            # Ablating a channel of the patch grid would leave it intact in the class token, which is what the
+            # head reads: not the method's question.
+            raise OnnxcamError(f"Ablation-CAM needs a feature-map layer; '{self.layer}' holds tokens "
                                f"(use gradcam, scorecam or another method)")
         spec = build.Spec(image=self.image_input, layers=self.layers, score=self.score, method=method,
                           layout=self.layout, guided_ops=tuple(guided_ops), layer_layouts=self.layer_layouts)
@@ -260,7 +261,8 @@ class Explainer:
                 if self.method == "scorecam":
                     g = perturb.scorecam_graph(self._inferred, self.image_input, self.score, self.layout)
                 else:
-                    g = perturb.ablation_graph(self._inferred, self.layers[i], self.score)
+                    g = perturb.ablation_graph(self._inferred, self.layers[i], self.score,
+                                               channels_last=self.layer_layouts[i].kind == layouts.CHANNELS_LAST)
                 self._aux[key] = make_session(g, self.providers, self.session_options)
             return self._aux[key]
 

@@ -69,27 +69,35 @@ def scorecam_graph(model: onnx.ModelProto, image: str, score: str, layout: str) 
     return m
 
 
-def ablation_graph(model: onnx.ModelProto, layer: str, score: str) -> onnx.ModelProto:
+def ablation_graph(model: onnx.ModelProto, layer: str, score: str, channels_last: bool = False) -> onnx.ModelProto:
     """The model after `layer`: input `onnxcam_layer_in` (B, C, ...) replaces the layer's output; any other
-    input the rest still needs (e.g. a skip connection from before the layer) stays an input.
+    input the rest still needs (e.g. a skip connection from before the layer) stays an input. A channels-last
+    layer is still fed channels-first (the view the CAM arithmetic uses) and moved back inside the graph.
     Output: `onnxcam_score` (B, K)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     view = ModelView(m)
+    dims = view.shape(layer)[1:]
+    if channels_last:
+        dims = [dims[-1], *dims[:-1]]
     layer_type = onnx.TypeProto()
     layer_type.tensor_type.elem_type = view.elem_type(layer)
-    for d in ["B"] + [d if isinstance(d, int) else f"d{i}" for i, d in enumerate(view.shape(layer)[1:])]:
+    for d in ["B"] + [d if isinstance(d, int) else f"d{i}" for i, d in enumerate(dims)]:
         dim = layer_type.tensor_type.shape.dim.add()
         if isinstance(d, int):
             dim.dim_value = d
         else:
             dim.dim_param = d
+    fed = LAYER_IN
+    if channels_last:  # first in the node list: the graph stays topologically sorted
+        fed = LAYER_IN + "_channels_last"
+        m.graph.node.insert(0, helper.make_node("Transpose", [LAYER_IN], [fed], perm=[0, *range(2, len(dims) + 1), 1]))
     for node in m.graph.node:
         for i, name in enumerate(node.input):
             if name == layer:
-                node.input[i] = LAYER_IN
+                node.input[i] = fed
     emit = Emitter.for_model(m)
-    _score_output(m, emit, score if score != layer else LAYER_IN)
+    _score_output(m, emit, score if score != layer else fed)
     vi = m.graph.input.add()
     vi.name = LAYER_IN
     vi.type.CopyFrom(layer_type)

@@ -278,3 +278,27 @@ def test_paddle_dynamic_input_size():
     assert ref.shape == (2, 8, 6) and all(m.max() > 0 for m in ref)
     assert r.maps.shape == ref.shape
     assert _rel_l2(r.maps, ref) <= MAPS_RTOL
+
+
+def test_ablationcam_on_channels_first_and_channels_last_layers(prepared: Prepared):
+    # Ablation-CAM recomputed from its definition on the float64 head: set channel k of the layer (all positions)
+    # to the ablation value, weight_k = (S - S_k) / S, map = ReLU(sum_k weight_k A_k). keras_pointwise_head's
+    # layer is channels-last, so onnxcam must ablate through its channels-first view.
+    from onnxcam.perturb import ablation_value
+
+    ex = Explainer(str(prepared.path), method="ablationcam", layer=prepared.expected)
+    r = ex.explain(prepared.x)
+    head64 = ReferenceEvaluator(_to_float64(prepared.head))
+    name = prepared.head.graph.input[0].name
+    a = np.moveaxis(prepared.layer_value.astype(np.float64), prepared.channel_axis, 1)
+    for s in range(len(a)):
+        c = a.shape[1]
+        batch = np.repeat(a[s][None], c, axis=0)
+        batch[np.arange(c), np.arange(c)] = ablation_value(np.float32(a[s]))
+        target = int(r.targets[s])
+        ablated = head64.run(None, {name: np.moveaxis(batch, 1, prepared.channel_axis)})[0][:, target]
+        original = head64.run(None, {name: np.moveaxis(a[s][None], 1, prepared.channel_axis)})[0][0, target]
+        weights = (original - ablated) / original
+        ref = np.maximum(np.einsum("c,c...->...", weights, a[s]), 0)
+        assert np.abs(ref).max() > 0
+        assert _rel_l2(r.maps[s], ref) < 1e-4, prepared.case.name
