@@ -70,6 +70,36 @@ def _resolve_target(text: str | None, labels: list[str] | None, num_classes: int
     return value
 
 
+def _tensor_inputs(paths: list[str], explainer) -> bool:
+    """True when the inputs are .npy tensors: always for 1-D signals and 3-D volumes (no image format holds
+    them), optionally for 2-D models (an already preprocessed tensor)."""
+    npy = [p.lower().endswith(".npy") for p in paths]
+    if any(npy) and not all(npy):
+        _fail("give either images or .npy tensors, not both")
+    if not all(npy) and explainer.image_rank != 4:
+        _fail(f"input '{explainer.image_input}' has rank {explainer.image_rank}, not an image: give each sample "
+              f"as a .npy file")
+    return all(npy)
+
+
+def _load_sample(path: str, explainer) -> np.ndarray:
+    """One sample from a .npy file, with the batch axis: shaped like the model input without it, or with a
+    batch of 1. Shape and dtype are checked against the model by Explainer.explain."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise OnnxcamError(f"cannot read {path} as a .npy array: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    rank = explainer.image_rank or arr.ndim
+    if arr.ndim == rank - 1:
+        arr = arr[None]
+    if arr.ndim != rank or arr.shape[0] != 1:
+        raise OnnxcamError(f"{path} has shape {arr.shape}; input '{explainer.image_input}' takes one sample of "
+                           f"rank {rank - 1} (or {rank} with a batch of 1)")
+    if arr.dtype.kind not in "fiub":
+        raise OnnxcamError(f"{path} holds {arr.dtype} values; the model input is numeric")
+    return arr
+
+
 def _output_paths(images: list[str], out: str | None, suffix: str) -> list[Path]:
     """One PNG per image: OUT itself when it names a .png/.jpg and there is one image, else files in OUT/."""
     if out is not None and len(images) == 1 and Path(out).suffix.lower() in (".png", ".jpg", ".jpeg"):
@@ -194,9 +224,16 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     else:
         target_index = _resolve_target(target, labels, k)
     other_inputs = target_kinds.load_inputs(extra_inputs, explainer)
-    pp = explainer.preprocessing(**overrides)
-    pils = [preprocess.load_image(img) for img in images]
-    tensors = [preprocess.to_tensor(p, pp) for p in pils]
+    as_arrays = _tensor_inputs(images, explainer)
+    if as_arrays:  # signals and volumes (or preprocessed tensors): given as they enter the model
+        if panel:
+            _fail("--panel shows 2-D images; this input is given as .npy tensors")
+        tensors = [_load_sample(img, explainer) for img in images]
+        pils = [render.tensor_image(t[0], explainer.layout) if t.ndim == 4 else None for t in tensors]
+    else:
+        pp = explainer.preprocessing(**overrides)
+        pils = [preprocess.load_image(img) for img in images]
+        tensors = [preprocess.to_tensor(p, pp) for p in pils]
     opts = dict(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
 
     def run(batch: np.ndarray, cf: bool, progress=None):
@@ -219,8 +256,16 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     records = []
     for i, (img, pil, path) in enumerate(zip(images, pils, paths)):
         t = result.targets[i] if result.target_scores is not None else int(result.targets[i])
-        overlay = render.overlay(pil, result.heatmaps[i], alpha=alpha)
-        if panel:
+        if pil is None:  # a 1-D signal (map over time as a curve) or a 3-D volume (a map per slice)
+            sample = tensors[i][0]
+            heat = result.heatmaps[i] if info.kind != "pixel" else render.unit_scale(np.abs(result.guided[i]).sum(0))
+            picture = render.curve(sample, heat, title=f"{Path(img).name}: {method} for {name(t)}") \
+                if sample.ndim == 2 else render.slices(sample, heat, alpha=alpha)
+            render.save_png(picture, path)
+        overlay = render.overlay(pil, result.heatmaps[i], alpha=alpha) if pil is not None else None
+        if pil is None:
+            pass
+        elif panel:
             gb = render.gradient_image(result.extras["guided_backprop"][i], explainer.layout, pil.size)
             ggc = render.gradient_image(result.guided[i], explainer.layout, pil.size)
             cf = render.overlay(pil, contrary.heatmaps[i], alpha=alpha)
@@ -231,7 +276,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
             picture = render.gradient_image(result.guided[i], explainer.layout, pil.size)
         else:
             picture = overlay
-        render.save_png(picture, path)
+        if pil is not None:
+            render.save_png(picture, path)
         scores = result.scores[i]
         probs = _softmax(scores.astype(np.float64))
         order = np.argsort(-scores)[:top] if scores.ndim == 1 else []  # a class list only for (N, K) scores

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from onnxcam.errors import OnnxcamError
 
-__all__ = ["jet", "overlay", "panel", "save_png", "gradient_image"]
+__all__ = ["jet", "overlay", "panel", "save_png", "gradient_image", "curve", "tensor_image", "slices", "unit_scale"]
 
 # matplotlib's _jet_data: (x, value) control points per channel.
 _JET = {
@@ -255,3 +255,68 @@ def gradient_image(grad: np.ndarray, layout: str = "NCHW", size: tuple[int, int]
     im = Image.fromarray(np.uint8(g * 255))
     im = im.convert("RGB")
     return im.resize(size, Image.BILINEAR) if size is not None and im.size != tuple(size) else im
+
+
+def unit_scale(a: np.ndarray) -> np.ndarray:
+    """Min-max scaled to [0, 1] (all zeros when constant)."""
+    a = np.nan_to_num(np.asarray(a, np.float64))
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def curve(signal: np.ndarray, heat: np.ndarray, size: tuple[int, int] = (900, 320), title: str = "") -> Image.Image:
+    """A 1-D map (T,) in [0, 1] over time: a jet-coloured band along the time axis, the map as a black curve,
+    and the input `signal` (C, T) in grey underneath (each channel scaled to the plot)."""
+    width, height = size
+    margin, band = 24, 16
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1 = margin, width - margin
+    y0, y1 = margin + (18 if title else 0), height - margin - band - 6
+    t = heat.shape[-1]
+    xs = np.linspace(x0, x1, t)
+    cols = np.linspace(0, t - 1, x1 - x0 + 1)
+    strip = jet(np.interp(cols, np.arange(t), np.clip(heat, 0, 1))[None, :])
+    img.paste(Image.fromarray(np.repeat(strip, band, axis=0)), (x0, height - margin - band))
+    draw.rectangle([x0, y0, x1, y1], outline=(160, 160, 160))
+    sig = np.asarray(signal, np.float64).reshape(-1, signal.shape[-1])
+    for ch in sig:
+        ys = y1 - unit_scale(ch) * (y1 - y0)
+        draw.line(list(zip(np.linspace(x0, x1, len(ch)).tolist(), ys.tolist())), fill=(175, 175, 175), width=1)
+    ys = y1 - np.clip(heat, 0, 1) * (y1 - y0)
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(0, 0, 0), width=2)
+    if title:
+        draw.text((x0, 4), _safe(title, _font(13)), fill=(0, 0, 0), font=_font(13))
+    return img
+
+
+def tensor_image(x: np.ndarray, layout: str = "NCHW") -> Image.Image:
+    """One input sample (C, H, W) or (H, W, C) as a picture: the first three channels (or the one), each
+    min-max scaled -- for preprocessed tensors given as .npy, whose original photo is not known."""
+    a = np.asarray(x, np.float64)
+    if layout == "NHWC":
+        a = np.moveaxis(a, -1, 0)
+    a = a[:3] if a.shape[0] >= 3 else np.repeat(a[:1], 3, axis=0)
+    return Image.fromarray((np.moveaxis(unit_scale(a), 0, -1) * 255).round().astype(np.uint8))
+
+
+def slices(volume: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cols: int | None = None,
+           scale: int | None = None) -> Image.Image:
+    """A 3-D map (D, H, W) over a volume (C, D, H, W): one overlay per slice along D (the volume's first
+    channel in grey under the jet colours), laid out in a grid, slice index in each tile's corner."""
+    depth = heat.shape[0]
+    vol = unit_scale(np.asarray(volume, np.float64)[0])
+    cols = cols or int(np.ceil(np.sqrt(depth)))
+    rows = int(np.ceil(depth / cols))
+    h, w = heat.shape[1:]
+    scale = scale or max(1, 128 // max(h, w))
+    tile_w, tile_h = w * scale, h * scale
+    sheet = Image.new("RGB", (cols * (tile_w + 2), rows * (tile_h + 2)), "white")
+    font = _font(11)
+    for d in range(depth):
+        grey = Image.fromarray((vol[d] * 255).round().astype(np.uint8)).convert("RGB")
+        tile = overlay(grey.resize((tile_w, tile_h), Image.NEAREST), heat[d], alpha=alpha)
+        ImageDraw.Draw(tile).text((2, 1), str(d), fill=(255, 255, 255), font=font)
+        sheet.paste(tile, ((d % cols) * (tile_w + 2), (d // cols) * (tile_h + 2)))
+    return sheet
+
