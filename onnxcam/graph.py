@@ -316,7 +316,9 @@ def ensure_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
         converted = version_converter.convert_version(model, minimum)
     except Exception as exc:
         raise OnnxcamError(f"cannot upgrade model from opset {current} to {minimum}: {str(exc).splitlines()[0]}") from None
-    converted.ir_version = max(ir, 7)
+    # The IR version that introduced this opset (opset 16: IR 8), never lower than the model's own.
+    need_ir = helper.find_min_ir_version_for([helper.make_opsetid("", minimum)], ignore_unknown=True)
+    converted.ir_version = max(ir, need_ir)
     return converted
 
 

@@ -27,12 +27,14 @@ Progress = Callable[[int], None]
 
 
 def _score_output(model: onnx.ModelProto, emit: Emitter, score: str) -> None:
-    emit.op("Reshape", [score, emit.ints([0, -1])], outputs=[SCORE])
+    """Output `onnxcam_score` (B, K), float32 whatever the model computes in (weights are made in numpy)."""
+    flat = emit.op("Reshape", [score, emit.ints([0, -1])])
+    if ModelView(model).elem_type(score) != TensorProto.FLOAT:
+        flat = emit.op("Cast", [flat], to=TensorProto.FLOAT)
+    emit.op("Identity", [flat], outputs=[SCORE])
     emit.commit(model)
     del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT
-                                                            if ModelView(model).elem_type(score) == TensorProto.FLOAT
-                                                            else ModelView(model).elem_type(score), ["B", "K"]))
+    model.graph.output.append(helper.make_tensor_value_info(SCORE, TensorProto.FLOAT, ["B", "K"]))
 
 
 def scorecam_graph(model: onnx.ModelProto, image: str, score: str, layout: str) -> onnx.ModelProto:
@@ -81,17 +83,23 @@ def ablation_graph(model: onnx.ModelProto, layer: str, score: str, channels_last
     if channels_last:
         dims = [dims[-1], *dims[:-1]]
     layer_type = onnx.TypeProto()
-    layer_type.tensor_type.elem_type = view.elem_type(layer)
+    layer_type.tensor_type.elem_type = TensorProto.FLOAT  # as the fused graph hands activations out
     for d in ["B"] + [d if isinstance(d, int) else f"d{i}" for i, d in enumerate(dims)]:
         dim = layer_type.tensor_type.shape.dim.add()
         if isinstance(d, int):
             dim.dim_value = d
         else:
             dim.dim_param = d
-    fed = LAYER_IN
-    if channels_last:  # first in the node list: the graph stays topologically sorted
+    fed, front = LAYER_IN, []
+    if view.elem_type(layer) != TensorProto.FLOAT:
+        front.append(helper.make_node("Cast", [fed], [LAYER_IN + "_cast"], to=view.elem_type(layer)))
+        fed = LAYER_IN + "_cast"
+    if channels_last:
+        front.append(helper.make_node("Transpose", [fed], [LAYER_IN + "_channels_last"],
+                                      perm=[0, *range(2, len(dims) + 1), 1]))
         fed = LAYER_IN + "_channels_last"
-        m.graph.node.insert(0, helper.make_node("Transpose", [LAYER_IN], [fed], perm=[0, *range(2, len(dims) + 1), 1]))
+    for node in reversed(front):  # first in the node list: the graph stays topologically sorted
+        m.graph.node.insert(0, node)
     for node in m.graph.node:
         for i, name in enumerate(node.input):
             if name == layer:

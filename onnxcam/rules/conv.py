@@ -260,7 +260,7 @@ def max_pool(ctx: Context, gy):
         flat_idx = _column_to_row_major(ctx, flat_idx, x)
     flat_g = ctx.op("Reshape", [gy[0], emit.ints([-1])])
     zeros = ctx.op("Reshape", [emit.zeros_like(x, ctx.dtype(x)), emit.ints([-1])])
-    scattered = ctx.op("ScatterElements", [zeros, flat_idx, flat_g], axis=0, reduction="add")
+    scattered = ctx.scatter_add("ScatterElements", zeros, flat_idx, flat_g, like=x, axis=0)
     return [ctx.op("Reshape", [scattered, emit.shape_of(x)])]
 
 

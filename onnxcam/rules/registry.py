@@ -108,6 +108,18 @@ class Context:
     def scalar(self, value: float, like: str) -> str:
         return self.emit.scalar(value, self.dtype(like))
 
+    def scatter_add(self, op_type: str, data: str, indices: str, updates: str, like: str, **attrs) -> str:
+        """ScatterElements / ScatterND with reduction='add' on tensors of `like`'s dtype. onnxruntime's CPU
+        kernels add only float32/64 and ints ("MLFloat16 data type is not supported ... when reduction is
+        'add'"), so half-precision gradients are summed in float32 and cast back."""
+        elem = self.view.elem_type(like)
+        if elem not in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            return self.op(op_type, [data, indices, updates], reduction="add", **attrs)
+        f32 = onnx.TensorProto.FLOAT
+        summed = self.op(op_type, [self.op("Cast", [data], to=f32), indices, self.op("Cast", [updates], to=f32)],
+                         reduction="add", **attrs)
+        return self.op("Cast", [summed], to=elem)
+
     def unbroadcast(self, g: str, x: str) -> str:
         """Sums `g` (shaped like the broadcast result) back to the shape of operand `x`."""
         return unbroadcast(self, g, x, self.output(0))

@@ -127,7 +127,7 @@ def scatter_add_axis(ctx: Context, g: str, axis: int, idx: str, n: str, out_shap
         z_shape = ctx.op("Concat", [shape_slice(ctx, g3_shape, 0, 1), n, shape_slice(ctx, g3_shape, 2, 3)], axis=0)
         zeros = ctx.op("Expand", [emit.const(np.zeros((), dtype=dtype), hint="zero"), z_shape])
         i3 = ctx.op("Expand", [ctx.op("Reshape", [idx, emit.ints([1, -1, 1])]), g3_shape])
-        r3 = ctx.op("ScatterElements", [zeros, i3, g3], axis=1, reduction="add")
+        r3 = ctx.scatter_add("ScatterElements", zeros, i3, g3, like=ctx.input(0), axis=1)
     else:
         # No scatter-add before opset 16: multiply by the (n, K) one-hot matrix of the indices.
         n_scalar = ctx.op("Reshape", [n, emit.ints([])])
@@ -414,7 +414,7 @@ def gather_elements(ctx: Context, gy):
     axis = norm_axis(ctx.attr("axis", 0), rank)
     dtype = ctx.dtype(data)
     if ctx.opset >= 16:
-        out[0] = ctx.op("ScatterElements", [emit.zeros_like(data, dtype), idx, gy[0]], axis=axis, reduction="add")
+        out[0] = ctx.scatter_add("ScatterElements", emit.zeros_like(data, dtype), idx, gy[0], like=data, axis=axis)
         return out
     # Before opset 16: one-hot along a new last axis, sum over `axis`, move the new axis into its place.
     n = dim_tensor(ctx, data, axis)
@@ -520,5 +520,5 @@ def gather_nd(ctx: Context, gy):
     idx = emit.op("Cast", [indices], to=7)
     wrapped = emit.op("Where", [emit.op("Less", [idx, emit.const(np.array(0, np.int64))]),
                                 emit.op("Add", [idx, dims]), idx])
-    out[0] = ctx.op("ScatterND", [emit.zeros_like(data, ctx.dtype(data)), wrapped, gy[0]], reduction="add")
+    out[0] = ctx.scatter_add("ScatterND", emit.zeros_like(data, ctx.dtype(data)), wrapped, gy[0], like=data)
     return out
