@@ -214,3 +214,23 @@ def test_building_the_explain_graph_leaves_its_input_untouched():
     image, score, layers = rewrite.resolve(view)
     build.build_explain_graph(model, build.Spec(image=image, layers=layers, score=score))
     assert model.SerializeToString() == before
+
+
+def test_score_skips_softmax_then_identity():
+    # paddle2onnx-style tail: Softmax followed by Identity; the score is still the logits.
+    model = _tiny_model(softmax=True)
+    model.graph.node.append(helper.make_node("Identity", ["probs"], ["out"]))
+    model.graph.output[0].name = "out"
+    assert Explainer(model).score == "logits"
+
+
+def test_unsupported_op_is_one_cli_line(tmp_path, capsys):
+    from onnxcam.cli import main
+
+    path = tmp_path / "mystery.onnx"
+    onnx.save(_tiny_model("Mystery"), str(path))
+    np.save(tmp_path / "x.npy", np.zeros((3, 6, 6), np.float32))
+    code = main(["explain", str(path), str(tmp_path / "x.npy"), "--layer", "c", "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("onnxcam: error:") and "'Mystery'" in err[0] and "'mystery'" in err[0]
