@@ -64,7 +64,9 @@ def test_qdq_model_maps_close_to_float_model(tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 2
     a = Explainer(str(fp32)).explain(x.numpy(), 3)
     b = Explainer(str(qdq)).explain(x.numpy(), 3)
-    # int8 activations carry ~1% quantisation noise; the maps should agree to a few percent.
+    # int8 activations carry ~1% quantisation noise per tensor; measured here: maps rel L2 3.9e-3, heatmaps mean
+    # abs 2.1e-3. The bounds leave room for other CPUs' int8 kernels (VNNI vs AVX2 rounding) but not for a
+    # QuantizeLinear that blocks or rescales the gradient (that gives rel L2 ~1).
     rel = np.linalg.norm(a.maps - b.maps) / np.linalg.norm(a.maps)
-    assert rel < 0.1, rel
-    assert np.abs(a.heatmaps - b.heatmaps).mean() < 0.05
+    assert rel < 3e-2, rel
+    assert np.abs(a.heatmaps - b.heatmaps).mean() < 2e-2
