@@ -234,3 +234,39 @@ def test_unsupported_op_is_one_cli_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("onnxcam: error:") and "'Mystery'" in err[0] and "'mystery'" in err[0]
+
+
+def test_shape_inference_without_weights_matches_inference_on_the_whole_model():
+    # infer_shapes hides weights from ONNX shape inference (speed); what it infers must not change, including
+    # shapes that data propagation takes from short constants (Reshape target, Resize scales, Slice ends).
+    from onnx import shape_inference
+
+    from onnxcam.graph import infer_shapes, load_model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 16, -1], np.int64), "shape"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([5], np.int64), "end"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c", "", "scales"], ["r"], mode="nearest"),
+             helper.make_node("Slice", ["r", "zero", "end", "axis2"], ["s"]),
+             helper.make_node("Shape", ["s"], ["sh"]),
+             helper.make_node("Reshape", ["s", "shape"], ["flat"]),
+             helper.make_node("ReduceMean", ["flat"], ["y"], axes=[2], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    small = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    small.ir_version = 7
+    for model in (small, load_model(MODEL)):
+        before = model.SerializeToString()
+        ours = infer_shapes(model)
+        full = shape_inference.infer_shapes(model, data_prop=True)
+        assert model.SerializeToString() == before
+        assert {v.name: v for v in ours.graph.value_info} == {v.name: v for v in full.graph.value_info}
+        assert list(ours.graph.output) == list(full.graph.output)
+        assert list(ours.graph.initializer) == list(model.graph.initializer)
+    flat = {v.name: v for v in infer_shapes(small).graph.value_info}["flat"]
+    assert [d.dim_value for d in flat.type.tensor_type.shape.dim][1:] == [16, 80]  # 16 x (8->16 sliced to 5) x 16
