@@ -100,8 +100,11 @@ def _load_sample(path: str, explainer) -> np.ndarray:
     return arr
 
 
-def _output_paths(images: list[str], out: str | None, suffix: str) -> list[Path]:
-    """One PNG per image: OUT itself when it names a .png/.jpg and there is one image, else files in OUT/."""
+def _output_paths(images: list[str], out: str | None, suffix: str) -> tuple[list[Path], Path | None]:
+    """One PNG per image: OUT itself when it names a .png/.jpg and there is one image, else files in OUT/.
+    Only checks; returns the paths and the folder still to create (nothing is created before the model has
+    loaded, so a failed run leaves no empty folder behind)."""
+    to_create = None
     if out is not None and len(images) == 1 and Path(out).suffix.lower() in (".png", ".jpg", ".jpeg"):
         paths = [Path(out)]
     else:
@@ -109,10 +112,7 @@ def _output_paths(images: list[str], out: str | None, suffix: str) -> list[Path]
         if folder.exists() and not folder.is_dir():
             raise OnnxcamError(f"output {folder} exists and is not a directory")
         if not folder.exists():
-            try:
-                folder.mkdir(parents=True)
-            except OSError as exc:
-                raise OnnxcamError(f"cannot create output directory {folder}: {exc.strerror or exc}") from None
+            to_create = folder
         stems: dict[str, int] = {}
         paths = []
         for img in images:
@@ -124,12 +124,26 @@ def _output_paths(images: list[str], out: str | None, suffix: str) -> list[Path]
     for p in paths:
         if os.path.realpath(p) in inputs:
             raise OnnxcamError(f"output {p} would overwrite an input image")
-        parent = p.parent if str(p.parent) else Path(".")
-        if not parent.is_dir():
-            raise OnnxcamError(f"cannot write {p}: directory {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise OnnxcamError(f"cannot write {p}: permission denied")
-    return paths
+    parent = to_create if to_create is not None else (paths[0].parent if str(paths[0].parent) else Path("."))
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if to_create is None and existing != parent:
+        raise OnnxcamError(f"cannot write {paths[0]}: directory {parent} does not exist")
+    if not existing.is_dir():
+        raise OnnxcamError(f"cannot write {paths[0]}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise OnnxcamError(f"cannot write {paths[0]}: permission denied")
+    return paths, to_create
+
+
+def _make_folder(folder: Path | None) -> None:
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxcamError(f"cannot create output directory {folder}: {exc.strerror or exc}") from None
 
 
 def _device_option(f):
@@ -202,9 +216,14 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     overrides = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
                      size=_parse_size(size), layout=layout.upper() if layout else None)
     tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
-    paths = _output_paths(list(images), out, tag)
+    paths, folder = _output_paths(list(images), out, tag)
     explainer = Explainer(model, layer=list(layers) or None, method="guided-gradcam" if panel else method,
                           output=output_name, batch_size=batch_size, device=device)
+    model_outputs = [o.name for o in explainer.source_model.graph.output]
+    if folder is not None and out is not None and out in model_outputs:
+        # The issue tracker and other tools say "--output NAME" for the model output; here -o is the PNG path.
+        _fail(f"'{out}' is an output of the model; -o/--output is where the PNGs go. To explain that output "
+              f"use --output-name {out}")
     labels = preprocess.labels_from_file(labels_file) if labels_file else explainer.labels
     k = explainer.num_classes
     # A segmentation model's labels name its class axis, not every element of the flattened score.
@@ -253,6 +272,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
 
     name = (lambda i: target_kinds.describe(i) if isinstance(i, target_kinds.Target)
             else labels[i] if labels is not None and i < len(labels) else str(i))
+    _make_folder(folder)
     records = []
     for i, (img, pil, path) in enumerate(zip(images, pils, paths)):
         t = result.targets[i] if result.target_scores is not None else int(result.targets[i])

@@ -93,10 +93,16 @@ def _bad_image(tmp_path):
     ("bad size", lambda t: ["explain", MODEL, CAT, "--size", "abc", "-o", t / "o.png"], "--size"),
     ("conflicting size", lambda t: ["explain", MODEL, CAT, "--size", "300", "-o", t / "o.png"], "size"),
     ("model is a directory", lambda t: ["layers", t], "directory"),
+    ("model output given as -o", lambda t: ["explain", MODEL, CAT, "--output", "logits"], "--output-name logits"),
+    ("output inside a file", lambda t: ["explain", MODEL, CAT, "-o", CAT / "sub"], "not a directory"),
 ])
-def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, case, make_args, message):
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, monkeypatch, case, make_args, message):
     before = digest(CAT)
-    code, stdout, stderr = run_cli(capsys, *make_args(tmp_path))
+    monkeypatch.chdir(tmp_path)  # the default output folder would go here: a failed run must not create it
+    args = make_args(tmp_path)
+    files_before = sorted(tmp_path.rglob("*"))
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert sorted(tmp_path.rglob("*")) == files_before, f"{case}: a failed run left files behind"
     assert code != 0, case
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, f"{case}: {stderr!r}"
