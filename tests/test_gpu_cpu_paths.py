@@ -133,7 +133,8 @@ def test_explain_bound_checks_its_inputs(demo):
 
 
 def _conv_pool_model() -> onnx.ModelProto:
-    """Conv -> Relu -> MaxPool -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (dynamic batch)."""
+    """Conv -> Relu -> MaxPool -> Conv (stride 2) -> Relu -> GlobalAveragePool -> Flatten -> Gemm (dynamic batch).
+    The strided conv's gradient is a ConvTranspose; the stride-1 conv's a Conv."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n) for n, s in
              (("w1", (4, 3, 3, 3)), ("b1", (4,)), ("w2", (6, 4, 3, 3)), ("b2", (6,)), ("wf", (5, 6)), ("bf", (5,)))]
@@ -141,7 +142,7 @@ def _conv_pool_model() -> onnx.ModelProto:
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
-        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),

@@ -49,6 +49,14 @@ CONV_CASES = [
     ((2, 3, 12), (3, 1, 5), {"group": 3, "dilations": [2], "pads": [4, 0]}),               # 1-D depthwise
     ((1, 2, 5, 6, 7), (3, 2, 3, 2, 3), {"strides": [2, 1, 2], "pads": [1, 0, 1, 0, 1, 1]}),  # 3-D
     ((1, 3, 8, 8), (4, 3, 1, 1), {"strides": [2, 2]}),                                    # 1x1 stride 2
+    # stride 1: the adjoint is a Conv with the flipped, per-group transposed kernel
+    ((1, 3, 7, 8), (4, 3, 3, 2), {"pads": [1, 0, 2, 1]}),                                 # asymmetric pads
+    ((1, 4, 7, 7), (8, 1, 3, 3), {"group": 4, "pads": [1, 1, 1, 1]}),                     # multiplier 2
+    ((1, 6, 7, 6), (6, 1, 3, 3), {"group": 6, "dilations": [2, 1], "pads": [2, 1, 1, 0]}),  # depthwise
+    ((1, 4, 5, 6, 4), (6, 2, 3, 1, 2), {"group": 2, "dilations": [1, 1, 2], "pads": [1, 0, 1, 1, 0, 1]}),  # 3-D
+    ((2, 5, 4, 4), (3, 5, 1, 1), {}),                                                     # 1x1 stride 1
+    ((1, 3, 6, 7), (4, 3, 4, 3), {"auto_pad": "SAME_UPPER"}),                             # even kernel
+    ((1, 3, 6, 6), (4, 3, 3, 3), {"pads": [3, 1, 0, 2]}),   # pad beyond the kernel: ConvTranspose fallback
 ]
 
 
@@ -56,6 +64,29 @@ CONV_CASES = [
 def test_conv(xs, ws, attrs):
     inputs = {"x": rand(xs, 1), "w": rand(ws, 2), "b": rand(ws[:1], 3)}
     check_vjp("Conv", inputs, wrt=["x"], attrs=attrs, rtol=1e-4)
+
+
+def test_stride_one_conv_gradient_is_a_conv():
+    # The faster form must actually be emitted (a silent fallback to ConvTranspose would pass the adjoint checks).
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tests.adjoint import vjp_model
+
+    def grad_ops(attrs):
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y0"], **attrs)], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 7, 7]),
+             helper.make_tensor_value_info("w", TensorProto.FLOAT, [6, 2, 3, 3])],
+            [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        model = onnx.shape_inference.infer_shapes(model)
+        return [n.op_type for n in vjp_model(model, ["x"])[0].graph.node][1:]
+
+    assert "ConvTranspose" not in grad_ops({"group": 2, "pads": [1, 1, 1, 1]})
+    assert grad_ops({"group": 2, "pads": [1, 1, 1, 1]}).count("Conv") == 1
+    assert "ConvTranspose" in grad_ops({"group": 2, "strides": [2, 2], "pads": [1, 1, 1, 1]})
 
 
 @pytest.mark.parametrize("xs,ws,attrs", [CONV_CASES[i] for i in (1, 3, 5, 6, 7, 9, 11)])

@@ -139,6 +139,15 @@ def _transpose_conv(ctx: Context, g: str, w: str, x: str, yout: list[int] | None
         opad = [i - ((o - 1) * s - pb - pe + d * (k - 1) + 1)
                 for i, o, s, pb, pe, d, k in zip(xin, yout, strides, pads_begin, pads_end, dilations, kernel)]
         # onnxruntime's ConvTranspose rejects output_padding >= stride (the spec allows < dilation too)
+        if all(s == 1 for s in strides):  # then opad is 0
+            # onnxruntime's Conv kernels beat its ConvTranspose (col2im) by 1.1-1.5x per op on the CPU; with
+            # stride 1 the adjoint is a Conv with the kernel flipped and in/out channels swapped per group
+            # (Guided Backprop on ResNet-50: 2.87x -> 2.55x a forward).
+            conv_pads = ([d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads_begin)]
+                         + [d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads_end)])
+            flipped = _adjoint_kernel(ctx, w, group, kernel) if min(conv_pads) >= 0 else None
+            if flipped is not None:
+                return ctx.op("Conv", [g, flipped], dilations=dilations, group=group, pads=conv_pads)
         if all(0 <= p < s for p, s in zip(opad, strides)):
             return ctx.op("ConvTranspose", [g, w], strides=strides, dilations=dilations, group=group,
                           pads=list(pads_begin) + list(pads_end),
@@ -154,6 +163,33 @@ def _transpose_conv(ctx: Context, g: str, w: str, x: str, yout: list[int] | None
     missing = _max0(ctx, ctx.op("Sub", [xin_t, _spatial_shape_of_tensor(ctx, sliced)]))
     pads = ctx.op("Concat", [emit.ints([0] * (n + 4)), missing], axis=0)
     return ctx.op("Pad", [sliced, pads])
+
+
+def _adjoint_kernel(ctx: Context, w: str, group: int, kernel: list[int]) -> str | None:
+    """Conv weight (C_out, C_in/g, k...) as the weight of its stride-1 adjoint Conv: (C_in, C_out/g, k...),
+    each group's in/out swapped and every spatial axis reversed. Built from graph ops, so onnxruntime folds
+    it into a constant at session start when the weight is an initializer. None when the shape is unknown."""
+    shape = ctx.shape(w)
+    if shape is None or not all(isinstance(d, int) for d in shape) or ctx.opset < 10:
+        return None
+    c_out, c_in_g, n = int(shape[0]), int(shape[1]), len(kernel)
+    if c_out % group:
+        return None
+    emit = ctx.emit
+    spatial = list(range(2, 2 + n))
+    if group == 1:
+        swapped = ctx.op("Transpose", [w], perm=[1, 0] + spatial)
+    elif c_in_g == 1 and c_out == group:  # depthwise: (C, 1, k...) is already its own swap
+        swapped = w
+    else:
+        grouped = ctx.op("Reshape", [w, emit.ints([group, c_out // group, c_in_g] + kernel)])
+        swapped = ctx.op("Reshape", [ctx.op("Transpose", [grouped], perm=[0, 2, 1] + [a + 1 for a in spatial]),
+                                     emit.ints([group * c_in_g, c_out // group] + kernel)])
+    axes = [a for a, k in zip(spatial, kernel) if k > 1]
+    if not axes:
+        return swapped
+    return ctx.op("Slice", [swapped, emit.ints([-1] * len(axes)), emit.ints([-BIG] * len(axes)), emit.ints(axes),
+                            emit.ints([-1] * len(axes))])
 
 
 def _spatial_shape_of_tensor(ctx: Context, t: str) -> str:
