@@ -1,6 +1,14 @@
 """onnxcam: Grad-CAM for any ONNX model, with gradients built from standard ONNX operators."""
 from .errors import OnnxcamError, UnsupportedOpError
-from .explainer import Explainer, Explanation
 
 __version__ = "0.1.0"
 __all__ = ["Explainer", "Explanation", "OnnxcamError", "UnsupportedOpError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Loaded on first use so that the CLI can start (and say what to install) without onnxruntime.
+    if name in ("Explainer", "Explanation"):
+        from . import explainer
+
+        return getattr(explainer, name)
+    raise AttributeError(f"module 'onnxcam' has no attribute '{name}'")

@@ -560,6 +560,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("onnxcam: interrupted", err=True)
         return 130
+    except ImportError as exc:  # onnxruntime (or the serve extra) not installed: the message says what to install
+        click.echo(f"onnxcam: error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", err=True)
+        return 1
     except Exception as exc:  # a bug of ours: still one line, but say so
         text = str(exc).strip().splitlines()
         click.echo(f"onnxcam: internal error: {type(exc).__name__}: {text[0] if text else ''}", err=True)

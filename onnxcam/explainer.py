@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from .runtime import ort  # first: says what to install when onnxruntime is missing
 from . import build, layouts, methods, perturb, preprocess, rewrite
 from . import targets as target_kinds
 from .errors import OnnxcamError
@@ -48,6 +48,8 @@ class Explainer:
                  batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
                  session_options=None, device: str | None = None):
         self.method_info = methods.get_method(method)
+        # an explicitly named GPU device must be the one the session gets (no silent CPU fallback)
+        self._strict = providers is None and device is not None and device.lower() in ("cuda", "tensorrt")
         if providers is None and device is not None:  # `providers` wins over `device`; neither: the CPU
             providers = resolve_device(device)
         source = load_model(model)
@@ -80,7 +82,7 @@ class Explainer:
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
         self.session_options = session_options
-        self.session = make_session(self.model, providers, session_options)
+        self.session = make_session(self.model, providers, session_options, strict=self._strict)
         self.num_classes = _static_classes(view, self.score)
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")

@@ -1,13 +1,24 @@
 """onnxruntime sessions and execution providers."""
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import OnnxcamError
+
+INSTALL_HINT = "pip install 'onnxcam[cpu]' (or 'onnxcam[gpu]' for onnxruntime-gpu)"
+try:
+    import onnxruntime as ort
+except ImportError:
+    raise ImportError(f"onnxcam needs onnxruntime: {INSTALL_HINT}") from None
 
 
 def resolve_providers(providers: Sequence | None) -> list:
@@ -26,16 +37,80 @@ def resolve_providers(providers: Sequence | None) -> list:
 
 
 def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
-                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+                 options: ort.SessionOptions | None = None, strict: bool = False) -> ort.InferenceSession:
+    """strict: the first provider must be the one the session gets. onnxruntime-gpu lists CUDA even where its
+    libraries cannot load, then logs an error and runs on the CPU; an explicit --device cuda must not
+    silently do that. Its log is then captured and its reason becomes the error."""
     if options is None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    resolved = resolve_providers(providers)
+    wanted = resolved[0][0] if isinstance(resolved[0], tuple) else resolved[0]
+    strict = strict and wanted != CPU
+    log = tempfile.TemporaryFile() if strict else None
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=resolve_providers(providers))
+        with _stderr_into(log):
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=resolved)
     except OnnxcamError:
         raise
     except Exception as exc:
         raise OnnxcamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+    finally:
+        text = _read_and_close(log)
+    if strict and session.get_providers()[0] != wanted:
+        reason = _provider_failure(text)
+        raise OnnxcamError(f"{wanted} was requested but onnxruntime could not start it"
+                           f"{': ' + reason if reason else ''} (--device auto falls back to the CPU)")
+    return session
+
+
+@contextlib.contextmanager
+def _stderr_into(file):
+    """Points file descriptor 2 (where onnxruntime's C++ logger writes) at `file` for the block."""
+    if file is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    # onnxruntime's Python layer prints its provider fallbacks ("EP Error ... Falling back") to sys.stdout
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        file.write(printed.getvalue().encode())
+
+
+def _read_and_close(file) -> str:
+    if file is None:
+        return ""
+    file.seek(0)
+    text = file.read().decode("utf-8", "replace")
+    file.close()
+    return text
+
+
+def _provider_failure(log: str) -> str:
+    """The useful part of onnxruntime's log when a provider did not start, e.g. 'libcublasLt.so.13: cannot
+    open shared object file: No such file or directory; Require cuDNN 9.* and CUDA 13.*'."""
+    parts = []
+    missing = re.search(r"Please install (\w+) libraries", log)
+    if missing:
+        parts.append(f"{missing.group(1)} libraries not found")
+    library = re.search(r"with error: ([^\n\x1b]+)", log)
+    if library:
+        parts.append(library.group(1).strip())
+    needs = re.search(r"(Require [^.\n\x1b]*(?:\.\*[^.\n\x1b]*)*)", log)
+    if needs:
+        parts.append(needs.group(1).strip().rstrip("."))
+    if not parts:
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines() if ln.strip()]
+        parts = lines[-1:]
+    return "; ".join(parts)
 
 
 def first_line(exc: BaseException) -> str:
@@ -46,7 +121,7 @@ def first_line(exc: BaseException) -> str:
 # -- devices ------------------------------------------------------------------------------------
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-GPU_HINT = "install onnxruntime-gpu: pip install 'onnxcam[gpu]'"
+GPU_HINT = "replace onnxruntime with onnxruntime-gpu: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
 
 
 def resolve_device(device: str | None) -> list[str]:
@@ -65,12 +140,27 @@ def resolve_device(device: str | None) -> list[str]:
         return [CUDA, CPU] if CUDA in available else [CPU]
     if name == "cuda":
         if CUDA not in available:
-            raise OnnxcamError(f"CUDA was requested but this onnxruntime has no {CUDA} ({GPU_HINT})")
+            raise OnnxcamError(f"CUDA was requested but this onnxruntime has no {CUDA} ({_gpu_hint()})")
         return [CUDA, CPU]
     if TENSORRT not in available:
-        raise OnnxcamError(f"TensorRT was requested but this onnxruntime has no {TENSORRT} ({GPU_HINT}, "
+        raise OnnxcamError(f"TensorRT was requested but this onnxruntime has no {TENSORRT} ({_gpu_hint()}, "
                            f"and TensorRT itself)")
     return [TENSORRT] + ([CUDA] if CUDA in available else []) + [CPU]
+
+
+def _gpu_hint() -> str:
+    from importlib import metadata
+
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        return (f"{' and '.join(installed)} are both installed and share one module, and the CPU build is the one "
+                f"loaded: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    return GPU_HINT
 
 
 def session_device(session: ort.InferenceSession) -> tuple[str, int]:

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
 CAT = ROOT / "models" / "cat.png"
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-CUDA_MESSAGE = ("CUDA was requested but this onnxruntime has no CUDAExecutionProvider "
-                "(install onnxruntime-gpu: pip install 'onnxcam[gpu]')")
+CUDA_MESSAGE = ("CUDA was requested but this onnxruntime has no CUDAExecutionProvider (replace onnxruntime "
+                "with onnxruntime-gpu: pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
 
 
 def run_cli(capsys, *args):
@@ -36,8 +36,40 @@ def demo():
     return Explainer(str(MODEL), device="cpu")
 
 
-def _fake_providers(monkeypatch, *names):
+def _fake_providers(monkeypatch, *names, dists=("onnxruntime",)):
+    from importlib import metadata
+
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(names))
+
+    def version(dist):
+        if dist not in dists:
+            raise metadata.PackageNotFoundError(dist)
+        return "1.0"
+    monkeypatch.setattr(metadata, "version", version)
+
+
+def test_both_onnxruntime_wheels_installed_is_named(monkeypatch):
+    # onnxruntime + onnxruntime-gpu share one module; the CPU build shadowing the GPU one must be explained.
+    _fake_providers(monkeypatch, CPU, dists=("onnxruntime", "onnxruntime-gpu"))
+    with pytest.raises(OnnxcamError, match="onnxruntime 1.0 and onnxruntime-gpu 1.0 are both installed .* "
+                                           "pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                                           "onnxruntime-gpu"):
+        runtime.resolve_device("cuda")
+
+
+def test_without_onnxruntime_the_cli_says_what_to_install(tmp_path):
+    # A blocked import stands in for an environment installed without the [cpu] / [gpu] extra.
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from onnxcam.cli import main\n"
+            f"sys.exit(main(['explain', {str(MODEL)!r}, {str(CAT)!r}, '-o', {str(tmp_path / 'o.png')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("onnxcam: error: onnxcam needs onnxruntime: pip install 'onnxcam[cpu]' "
+                                     "(or 'onnxcam[gpu]' for onnxruntime-gpu)")
+    assert not (tmp_path / "o.png").exists()
+    ops = subprocess.run([sys.executable, "-c", "import sys; sys.modules['onnxruntime'] = None\n"
+                          "from onnxcam.cli import main; sys.exit(main(['ops']))"], capture_output=True, text=True)
+    assert ops.returncode == 0 and "Conv" in ops.stdout.split()
 
 
 # -- device resolution --------------------------------------------------------------------------
@@ -265,3 +297,35 @@ def test_bench_gpu_parses_its_options():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_gpu.py"), "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "--device" in result.stdout and "--batches" in result.stdout
+
+
+def test_explicit_cuda_that_cannot_start_is_an_error_not_a_cpu_run(monkeypatch, capfd):
+    # What onnxruntime-gpu 1.31.1 does on a machine without the CUDA 13 libraries (seen in a venv here): it lists
+    # CUDAExecutionProvider, logs the loader error on fd 2 and gives a CPU session. Replayed with the CPU build.
+    real = ort.InferenceSession
+    log = ("\x1b[1;31m2026-11-27 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] Failed to load "
+           "library libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open shared object "
+           "file: No such file or directory\n\x1b[m\x1b[0;93m2026-11-27 [W:onnxruntime:Default, "
+           "onnxruntime_pybind_state.cc:1295 CreateExecutionProviderFactoryInstance] Failed to create "
+           "CUDAExecutionProvider. Require cuDNN 9.* and CUDA 13.*. Please install all dependencies\x1b[m\n")
+
+    def fake_session(model, options=None, providers=None):
+        import os
+        os.write(2, log.encode())
+        return real(model, options, providers=[CPU])
+
+    _fake_providers(monkeypatch, CUDA, CPU)
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    with pytest.raises(OnnxcamError) as err:
+        Explainer(_conv_pool_model(), device="cuda")
+    assert str(err.value) == (
+        "CUDAExecutionProvider was requested but onnxruntime could not start it: libcublasLt.so.13: cannot open "
+        "shared object file: No such file or directory; Require cuDNN 9.* and CUDA 13.* (--device auto falls "
+        "back to the CPU)")
+    assert capfd.readouterr().err == ""  # the log became the error, and fd 2 is back
+    import os
+    os.write(2, b"fd 2 restored\n")
+    assert capfd.readouterr().err == "fd 2 restored\n"
+    # auto (and explicit provider lists) keep onnxruntime's fallback
+    assert Explainer(_conv_pool_model(), device="auto").provider == CPU
+    assert "libcublasLt" in capfd.readouterr().err

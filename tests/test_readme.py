@@ -13,7 +13,7 @@ def test_quickstart_explain_line_writes_the_overlay(tmp_path):
     lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()]
     install = next(ln for ln in lines if ln.startswith("pip install"))
     explain = next(ln for ln in lines if ln.startswith("onnxcam explain"))
-    assert install == "pip install -e ."
+    assert install == "pip install -e '.[cpu]'"
     args = shlex.split(explain)[2:]
     out = Path(args[args.index("-o") + 1])
     # Run from a copy of the layout (models/ is read relative to the clone) with the output in tmp.
