@@ -464,7 +464,8 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
         _fail(f"data not found: {data}")
     evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,
                              steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
-                             preset=preset, size=_parse_size(size), providers=providers)
+                             preset=preset, size=_parse_size(size), providers=providers,
+                             strict_device=(device or "cpu").lower() in ("cuda", "tensorrt"))
     provider = evaluator.session.get_providers()[0]
     samples = ev.load_dataset(data, evaluator.labels)[:limit]
     with click.progressbar(length=len(samples) * len(methods_list), label=f"evaluating on {provider}",

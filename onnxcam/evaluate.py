@@ -248,7 +248,7 @@ class Evaluator:
                  metrics: Sequence[str] | None = None, batch_size: int = 32, steps: int = 20, seed: int = 0,
                  road_percentiles: Sequence[float] = M.ROAD_PERCENTILES, occlusion_patch: int | None = None,
                  occlusion_stride: int | None = None, loc_threshold: float = LOC_THRESHOLD, providers=None,
-                 **pp_overrides):
+                 strict_device: bool = False, **pp_overrides):
         self.methods = list(methods)
         if not self.methods:
             raise OnnxcamError("no method given")
@@ -284,7 +284,7 @@ class Evaluator:
         del scorer.graph.output[:]
         scorer.graph.output.append(value_info(self.score, view.elem_type(self.score), view.shape(self.score)))
         prune(scorer, [self.score])
-        self.session = make_session(scorer, providers)
+        self.session = make_session(scorer, providers, strict=strict_device)  # strict: no silent CPU fallback
         self.num_classes = None
         self.explainers = {}
         layers = list(layer) if isinstance(layer, (list, tuple)) else layer
