@@ -310,6 +310,9 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         })
         if result.target_scores is not None:  # the differentiated scalar y = <W, score>
             records[-1]["target_score"] = float(result.target_scores[i])
+        if (isinstance(t, target_kinds.RegionTarget) and t.mask is None and scores.ndim >= 2
+                and not (scores.argmax(0) == t.cls).any()):
+            records[-1]["note"] = f"class {t.cls} owns no pixel of the predicted mask: the region and its map are empty"
     if as_json:
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return
@@ -318,6 +321,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
             f"class {rec['target']} ({rec['target_label']})"
         click.echo(f"{rec['image']}: {method} for {what} at layer "
                    f"{', '.join(rec['layers'])} -> {rec['output']} [{rec['provider']}]")
+        if "note" in rec:
+            click.echo(f"onnxcam: note: {rec['image']}: {rec['note']}", err=True)
         for rank, entry in enumerate(rec["top"], 1):
             click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
                        f"p={entry['probability']:.4f}")

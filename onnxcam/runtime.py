@@ -44,6 +44,7 @@ def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
     if options is None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    _drop_unused_initializers(model)
     resolved = resolve_providers(providers)
     wanted = resolved[0][0] if isinstance(resolved[0], tuple) else resolved[0]
     strict = strict and wanted != CPU
@@ -62,6 +63,26 @@ def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
         raise OnnxcamError(f"{wanted} was requested but onnxruntime could not start it"
                            f"{': ' + reason if reason else ''} (--device auto falls back to the CPU)")
     return session
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """onnxruntime logs a warning per initializer no node reads; a constant a rule emitted for a branch it did not
+    take should not reach the user's terminal as that noise. Graph inputs and names read inside subgraphs
+    (If/Loop/Scan bodies see outer-scope initializers) count as used."""
+    g = model.graph
+    used = {o.name for o in g.output} | {i.name for i in g.input}
+    stack = [g]
+    while stack:
+        graph = stack.pop()
+        for n in graph.node:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+    for i in reversed(range(len(g.initializer))):  # in place: no copy of the weights
+        if g.initializer[i].name not in used:
+            del g.initializer[i]
 
 
 @contextlib.contextmanager

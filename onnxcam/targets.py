@@ -147,6 +147,8 @@ def resize_mask(mask, spatial: tuple) -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim == 3 and m.shape[-1] in (3, 4):  # an RGB(A) image array: any channel nonzero
         m = m[..., :3].any(axis=-1)
+    if not m.any():
+        raise OnnxcamError("region mask is empty (no nonzero pixel)")
     if m.shape == tuple(spatial):
         return m != 0
     if m.ndim != 2 or len(spatial) != 2:
@@ -154,7 +156,11 @@ def resize_mask(mask, spatial: tuple) -> np.ndarray:
     from PIL import Image
 
     img = Image.fromarray(np.uint8(m != 0) * 255)
-    return np.asarray(img.resize((spatial[1], spatial[0]), Image.NEAREST)) > 0
+    out = np.asarray(img.resize((spatial[1], spatial[0]), Image.NEAREST)) > 0
+    if not out.any():  # a few pixels can fall between the nearest-neighbour samples of a coarser grid
+        raise OnnxcamError(f"region mask {m.shape[0]}x{m.shape[1]} has no pixel left on the output grid "
+                           f"{spatial[0]}x{spatial[1]}; draw a larger region")
+    return out
 
 
 def load_mask(path) -> np.ndarray:

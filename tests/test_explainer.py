@@ -270,3 +270,38 @@ def test_shape_inference_without_weights_matches_inference_on_the_whole_model():
         assert list(ours.graph.initializer) == list(model.graph.initializer)
     flat = {v.name: v for v in infer_shapes(small).graph.value_info}["flat"]
     assert [d.dim_value for d in flat.type.tensor_type.shape.dim][1:] == [16, 80]  # 16 x (8->16 sliced to 5) x 16
+
+
+def test_sessions_get_no_unused_initializers():
+    # onnxruntime warns once per unused initializer on stderr; the Resize rule used to leave two behind.
+    from onnxcam.runtime import _drop_unused_initializers
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["up"], mode="linear"),
+             helper.make_node("GlobalAveragePool", ["up"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ex = Explainer(model, layer="r")  # the gradient goes back through the Resize
+    used = {i for n in ex.model.graph.node for i in n.input}
+    assert [t.name for t in ex.model.graph.initializer if t.name not in used] == []
+    # the clean-up keeps what is read only by a subgraph or declared as a graph input
+    then = helper.make_graph([helper.make_node("Add", ["x", "outer"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    g2 = helper.make_graph([helper.make_node("If", ["cond"], ["z"], then_branch=then, else_branch=then)], "g2",
+                           [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                            helper.make_tensor_value_info("declared", TensorProto.FLOAT, [2])],
+                           [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                           [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("outer", "declared", "unused")])
+    m2 = helper.make_model(g2)
+    _drop_unused_initializers(m2)
+    assert [t.name for t in m2.graph.initializer] == ["outer", "declared"]

@@ -492,6 +492,8 @@ def test_cli_target_errors(tiny_seg, yolo_cli, tmp_path, capsys):
         (seg + ["--region", "1:"], "CLASS or CLASS:MASK.png"),
         (seg + ["--region", f"1:{tmp_path / 'nope.png'}"], "mask not found"),
         (seg + ["--region", f"1:{tmp_path / 'bad.png'}"], "cannot read mask"),
+        (seg + ["--region", f"1:{_write_png(tmp_path / 'empty.png', np.zeros((32, 32)))}"], "region mask is empty"),
+        (seg + ["--region", f"1:{_write_png(tmp_path / 'dot.png', _dot(200))}"], "no pixel left on the output grid"),
         (seg + ["--region", "1", "--target", "3"], "--target and --region cannot be combined"),
         (seg + ["--box", "1"], "needs an (N, boxes, fields) output"),
         (det + ["--box", "999"], "box 999 is out of range"),
@@ -510,6 +512,31 @@ def test_cli_target_errors(tiny_seg, yolo_cli, tmp_path, capsys):
         assert code == 2, (args, err)
         assert err.startswith("onnxcam: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
         assert message in err, (message, err)
+
+
+def _dot(size):
+    """A size x size mask with one pixel set where a nearest-neighbour resize to 32x32 samples none."""
+    m = np.zeros((size, size))
+    m[1, 1] = 255
+    return m
+
+
+def test_cli_predicted_region_a_class_does_not_own_is_noted(tiny_seg, tmp_path, capsys):
+    seg_path, seg_layer = tiny_seg
+    img = _write_png(tmp_path / "img.png", np.zeros((32, 32, 3)))
+    # a region target's result carries the (N, classes, H, W) output (the class path flattens it)
+    probs = onnxcam.Explainer(seg_path, layer=seg_layer).explain_image(str(img), [RegionTarget(0)]).scores[0]
+    absent = [c for c in range(probs.shape[0]) if not (probs.argmax(0) == c).any()]
+    present = int(np.bincount(probs.argmax(0).ravel()).argmax())
+    assert absent, "the zero image should leave some class without pixels"
+    base = ["explain", seg_path, str(img), "--layer", seg_layer, "-o", str(tmp_path / "o.png"), "--region"]
+    assert main(base + [str(absent[0])]) == 0
+    out, err = capsys.readouterr()
+    assert "(score 0.0000)" in out
+    assert err.strip() == (f"onnxcam: note: {img}: class {absent[0]} owns no pixel of the predicted mask: the region "
+                           f"and its map are empty")
+    assert main(base + [str(present)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def _auto_layer(path) -> str:

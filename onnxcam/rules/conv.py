@@ -648,7 +648,7 @@ def resize(ctx: Context, gy):
             e_shape = [1] * rank
             e_shape[0] = e_shape[a] = in_a
             eye = emit.const(np.eye(in_a, dtype=dtype).reshape(e_shape), hint="resize_eye")
-            e_shape_t = emit.ints(e_shape)
+            e_shape_t = emit.ints(e_shape) if use_sizes else None  # only the `sizes` form reads it
         else:
             n_t = ctx.op("Gather", [emit.shape_of(x), emit.ints([a])], axis=0)
             square = ctx.op("ConstantOfShape", [ctx.op("Concat", [n_t, n_t], axis=0)],
