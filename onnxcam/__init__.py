@@ -1,5 +1,10 @@
 """onnxcam: Grad-CAM for any ONNX model, with gradients built from standard ONNX operators."""
+from typing import TYPE_CHECKING
+
 from .errors import OnnxcamError, UnsupportedOpError
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time they load on first use (below)
+    from .explainer import Explainer, Explanation
 
 __version__ = "0.1.0"
 __all__ = ["Explainer", "Explanation", "OnnxcamError", "UnsupportedOpError", "__version__"]
