@@ -15,7 +15,7 @@ import numpy as np
 
 from . import methods, preprocess, render
 from . import targets as target_kinds
-from .errors import OnnxcamError
+from .errors import OnnxcamError, first_line
 
 EXIT_USAGE = 2
 
@@ -455,7 +455,7 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
     DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
     docs/evaluation.md. Prints a summary table per method."""
     from . import evaluate as ev
-    from .runtime import resolve_device
+    from .runtime import explicit_gpu, resolve_device
 
     providers = resolve_device(device)
     names = [m.strip() for item in metric_names for m in item.split(",") if m.strip()] or None
@@ -470,7 +470,7 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
     evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,
                              steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
                              preset=preset, size=_parse_size(size), providers=providers,
-                             strict_device=(device or "cpu").lower() in ("cuda", "tensorrt"))
+                             strict_device=explicit_gpu(device))
     provider = evaluator.session.get_providers()[0]
     samples = ev.load_dataset(data, evaluator.labels)[:limit]
     with click.progressbar(length=len(samples) * len(methods_list), label=f"evaluating on {provider}",
@@ -567,7 +567,7 @@ def main(argv=None) -> int:
         click.echo("onnxcam: interrupted", err=True)
         return 130
     except ImportError as exc:  # onnxruntime (or the serve extra) not installed: the message says what to install
-        click.echo(f"onnxcam: error: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", err=True)
+        click.echo(f"onnxcam: error: {first_line(exc)}", err=True)
         return 1
     except Exception as exc:  # a bug of ours: still one line, but say so
         text = str(exc).strip().splitlines()

@@ -7,3 +7,8 @@ class OnnxcamError(Exception):
 
 class UnsupportedOpError(OnnxcamError):
     """An op on the path from the score to the layer has no gradient rule."""
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

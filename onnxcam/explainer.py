@@ -13,7 +13,7 @@ from . import build, layouts, methods, perturb, preprocess, rewrite
 from . import targets as target_kinds
 from .errors import OnnxcamError
 from .graph import ModelLike, ModelView, infer_shapes, load_model
-from .runtime import first_line, make_session, ortvalue_dtype, resolve_device, session_device
+from .runtime import explicit_gpu, first_line, make_session, ortvalue_dtype, resolve_device, session_device
 
 
 @dataclass
@@ -48,8 +48,7 @@ class Explainer:
                  batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
                  session_options=None, device: str | None = None):
         self.method_info = methods.get_method(method)
-        # an explicitly named GPU device must be the one the session gets (no silent CPU fallback)
-        self._strict = providers is None and device is not None and device.lower() in ("cuda", "tensorrt")
+        strict = providers is None and explicit_gpu(device)  # no silent CPU fallback for a named GPU
         if providers is None and device is not None:  # `providers` wins over `device`; neither: the CPU
             providers = resolve_device(device)
         source = load_model(model)
@@ -82,7 +81,7 @@ class Explainer:
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
         self.session_options = session_options
-        self.session = make_session(self.model, providers, session_options, strict=self._strict)
+        self.session = make_session(self.model, providers, session_options, strict=strict)
         self.num_classes = _static_classes(view, self.score)
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")

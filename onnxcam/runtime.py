@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from .errors import OnnxcamError
+from .errors import OnnxcamError, first_line
 
 INSTALL_HINT = "pip install 'onnxcam[cpu]' (or 'onnxcam[gpu]' for onnxruntime-gpu)"
 try:
@@ -48,18 +48,15 @@ def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
     resolved = resolve_providers(providers)
     wanted = resolved[0][0] if isinstance(resolved[0], tuple) else resolved[0]
     strict = strict and wanted != CPU
-    log = tempfile.TemporaryFile() if strict else None
     try:
-        with _stderr_into(log):
+        with _captured_output(strict) as log:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=resolved)
     except OnnxcamError:
         raise
     except Exception as exc:
         raise OnnxcamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
-    finally:
-        text = _read_and_close(log)
     if strict and session.get_providers()[0] != wanted:
-        reason = _provider_failure(text)
+        reason = _provider_failure("".join(log))
         raise OnnxcamError(f"{wanted} was requested but onnxruntime could not start it"
                            f"{': ' + reason if reason else ''} (--device auto falls back to the CPU)")
     return session
@@ -86,33 +83,28 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _stderr_into(file):
-    """Points file descriptor 2 (where onnxruntime's C++ logger writes) at `file` for the block."""
-    if file is None:
-        yield
+def _captured_output(enabled: bool):
+    """With `enabled`, what onnxruntime writes during the block -- its C++ logger on file descriptor 2, its
+    Python layer's provider fallbacks ("EP Error ... Falling back") on sys.stdout -- is kept out of the terminal
+    and appended to the yielded list as one string when the block ends."""
+    log: list[str] = []
+    if not enabled:
+        yield log
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    os.dup2(file.fileno(), 2)
-    # onnxruntime's Python layer prints its provider fallbacks ("EP Error ... Falling back") to sys.stdout
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        file.write(printed.getvalue().encode())
-
-
-def _read_and_close(file) -> str:
-    if file is None:
-        return ""
-    file.seek(0)
-    text = file.read().decode("utf-8", "replace")
-    file.close()
-    return text
+    with tempfile.TemporaryFile() as file:
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            log.append(file.read().decode("utf-8", "replace") + printed.getvalue())
 
 
 def _provider_failure(log: str) -> str:
@@ -132,11 +124,6 @@ def _provider_failure(log: str) -> str:
         lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines() if ln.strip()]
         parts = lines[-1:]
     return "; ".join(parts)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- devices ------------------------------------------------------------------------------------
@@ -167,6 +154,11 @@ def resolve_device(device: str | None) -> list[str]:
         raise OnnxcamError(f"TensorRT was requested but this onnxruntime has no {TENSORRT} ({_gpu_hint()}, "
                            f"and TensorRT itself)")
     return [TENSORRT] + ([CUDA] if CUDA in available else []) + [CPU]
+
+
+def explicit_gpu(device: str | None) -> bool:
+    """A GPU device named outright (not `auto`): its session must really get that device (make_session strict)."""
+    return (device or "cpu").lower() in ("cuda", "tensorrt")
 
 
 def _gpu_hint() -> str:
