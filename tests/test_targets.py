@@ -22,7 +22,7 @@ import onnxcam
 from onnxcam.cli import main
 from onnxcam.graph import ModelView
 from onnxcam.targets import ClassTarget, DetectionTarget, IndexTarget, RegionTarget, resize_mask
-from tests.torch_export import calibrate_batchnorm
+from tests.torch_export import calibrate_batchnorm, torch_gradcam
 
 SEG_SIZE = 64
 CLASSES = 21
@@ -57,25 +57,6 @@ def conv_input(path, weight_shape) -> str:
             if w is not None and list(w.shape) == list(weight_shape):
                 return node.input[0]
     raise AssertionError(f"no Conv with weight {weight_shape}")
-
-
-def torch_gradcam(forward, layer: nn.Module, y_of):
-    """(maps (N, h, w), y (N,)) for y = y_of(forward()): Grad-CAM at `layer`'s output, by autograd."""
-    store = {}
-
-    def hook(_module, _inputs, out):
-        out.retain_grad()
-        store["a"] = out
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        y = y_of(forward())
-    finally:
-        handle.remove()
-    y.sum().backward()  # samples do not interact (eval mode), so one backward serves the batch
-    a = store["a"]
-    alpha = a.grad.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((alpha * a).sum(1)).detach().numpy(), y.detach().numpy()
 
 
 # -- segmentation: torchvision FCN-ResNet50 -------------------------------------------------------------------

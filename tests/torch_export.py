@@ -102,3 +102,22 @@ def export(model: nn.Module, x: torch.Tensor, path: str | os.PathLike, exporter:
         else:
             raise ValueError(f"unknown exporter {exporter!r}; use one of {EXPORTERS}")
     return path
+
+
+def torch_gradcam(forward, layer: nn.Module, y_of):
+    """(maps (N, h, w), y (N,)) for y = y_of(forward()): Grad-CAM at `layer`'s output, by autograd."""
+    store = {}
+
+    def hook(_module, _inputs, out):
+        out.retain_grad()
+        store["a"] = out
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        y = y_of(forward())
+    finally:
+        handle.remove()
+    y.sum().backward()  # samples do not interact (eval mode), so one backward serves the batch
+    a = store["a"]
+    alpha = a.grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((alpha * a).sum(1)).detach().numpy(), y.detach().numpy()
