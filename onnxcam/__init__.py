@@ -17,3 +17,8 @@ def __getattr__(name: str):
 
         return getattr(explainer, name)
     raise AttributeError(f"module 'onnxcam' has no attribute '{name}'")
+
+
+def __dir__():
+    # The lazy names are not in globals() until first use; tab completion and dir() should list them anyway.
+    return sorted(set(globals()) | set(__all__))

@@ -12,7 +12,7 @@ from onnx import TensorProto
 
 from . import rules
 from .errors import OnnxcamError, UnsupportedOpError
-from .graph import Emitter, ModelView, ancestors, node_label
+from .graph import Emitter, ModelView, ancestors, node_label, subgraph_reads
 from .rules.registry import Context, lookup
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -40,7 +40,9 @@ def active_tensors(view: ModelView, of: str, wrt: Sequence[str]) -> set[str]:
     for node in view.graph.node:
         if node.op_type in NON_DIFFERENTIABLE:
             continue
-        if any(i in forward for i in node.input if i):
+        # A control-flow body reading a tensor from the outer scope depends on it as much as an input does.
+        if any(i in forward for i in node.input if i) or (
+                node.attribute and any(r in forward for r in subgraph_reads(node))):
             for o in node.output:
                 if o and (_is_float(view, o) or node.op_type in STRAIGHT_THROUGH):
                     forward.add(o)
@@ -80,6 +82,13 @@ def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
     for node in reversed(list(view.graph.node)):
         if not any(o in active for o in node.output if o):
             continue
+        captured = sorted(r for r in subgraph_reads(node) if r in active) if node.attribute else []
+        if captured:
+            # Bodies are not differentiated; skipping them would silently drop this share of the gradient.
+            raise UnsupportedOpError(
+                f"cannot differentiate {node_label(node)}: its body reads '{captured[0]}' from the outer scope, "
+                f"on the path being differentiated to the score; gradients through control-flow bodies are "
+                f"not supported (choose a layer after it with --layer)")
         needs = [bool(i) and i in active for i in node.input]
         if not any(needs):
             continue

@@ -49,6 +49,10 @@ def activations_name(i: int) -> str:
     return f"onnxcam_activations_{i}"
 
 
+def grad_peak_name(i: int) -> str:
+    return f"onnxcam_grad_peak_{i}"
+
+
 # Ops whose gradient rules need opset 16 (ScatterElements with reduction='add').
 _NEEDS_OPSET_16 = {"MaxPool", "Gather", "GatherElements", "GatherND"}
 # The ops whose backward Guided Backprop / deconvnet modify: the rectifiers, Relu and Clip (ReLU6), since
@@ -179,6 +183,12 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
             acts = to_channels_first(emit, _as_float(emit, view, layer, layer), layouts[i], raw_ranks[i])
             g = to_channels_first(emit, _as_float(emit, view, grads[layer], layer), layouts[i], raw_ranks[i]) \
                 if grads else acts
+            if grads:
+                # max |dy/dA| per sample: exactly 0 when the score does not depend on the layer at all, which
+                # the Explainer reports instead of handing back a blank map as if it were an answer.
+                peak = emit.reduce("ReduceMax", emit.op("Reshape", [emit.op("Abs", [g]), emit.ints([0, -1])]),
+                                   [1], keepdims=0)
+                output(peak, grad_peak_name(i), f32, ["N"])
             weighted = method.weighting(emit, acts, g, ranks[i]) if method.weighting else methods.gradcam(
                 emit, acts, g, ranks[i])
             output(weighted, weighted_name(i), f32, layer_dims[i])

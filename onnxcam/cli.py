@@ -6,6 +6,7 @@ gave (model, images) is ever written to.
 from __future__ import annotations
 
 import json
+import re
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from . import methods, preprocess, render
 from . import targets as target_kinds
 from .errors import OnnxcamError, first_line
+from .labels import match_label
 
 EXIT_USAGE = 2
 
@@ -57,12 +59,7 @@ def _resolve_target(text: str | None, labels: list[str] | None, num_classes: int
     try:
         value = int(text)
     except ValueError:
-        if not labels:
-            raise OnnxcamError(f"--target '{text}' is not a class index and the model has no labels") from None
-        matches = [i for i, name in enumerate(labels) if name.lower() == text.lower()]
-        if not matches:
-            raise OnnxcamError(f"--target '{text}' matches no class label") from None
-        value = matches[0]
+        value = match_label(text, labels, "--target")
     if num_classes is not None and not 0 <= value < num_classes:
         raise OnnxcamError(f"--target {value} is out of range: the model has {num_classes} classes (0..{num_classes - 1})")
     if value < 0:
@@ -85,6 +82,9 @@ def _tensor_inputs(paths: list[str], explainer) -> bool:
 def _load_sample(path: str, explainer) -> np.ndarray:
     """One sample from a .npy file, with the batch axis: shaped like the model input without it, or with a
     batch of 1. Shape and dtype are checked against the model by Explainer.explain."""
+    from .safeio import regular_file
+
+    regular_file(path, "input", 4 * 2 ** 30)  # a FIFO would block np.load forever
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -105,7 +105,14 @@ def _output_paths(images: list[str], out: str | None, suffix: str) -> tuple[list
     Only checks; returns the paths and the folder still to create (nothing is created before the model has
     loaded, so a failed run leaves no empty folder behind)."""
     to_create = None
-    if out is not None and len(images) == 1 and Path(out).suffix.lower() in (".png", ".jpg", ".jpeg"):
+    suffix_of_out = Path(out).suffix.lower() if out is not None else ""
+    if suffix_of_out and not Path(out).is_dir():
+        if suffix_of_out not in render.IMAGE_FORMATS:
+            raise OnnxcamError(f"-o {out}: '{suffix_of_out}' is not an image format onnxcam writes (use "
+                               f"{', '.join(render.IMAGE_FORMATS)}), nor an existing folder")
+        if len(images) > 1:
+            raise OnnxcamError(f"-o {out} names one file but {len(images)} images were given; give a folder")
+    if out is not None and len(images) == 1 and suffix_of_out in render.IMAGE_FORMATS:
         paths = [Path(out)]
     else:
         folder = Path(out) if out is not None else Path("onnxcam-out")
@@ -198,14 +205,18 @@ def cli() -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None),
               help="Perturbed images per run (Score-CAM, Ablation-CAM).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--batch-axis", "batch_axis", type=int, default=None,
+              help="Axis of the explained output that holds the samples (default: found from the graph; "
+                   "e.g. 1 for (T, N, K) CTC logits).")
 @_device_option
 def explain(model, images, out, layers, target, method, counterfactual, aug_smooth, eigen_smooth, output_name,
-            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, device,
+            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, batch_axis, device,
             region=None, box=None, field=None, extra_inputs=()):
     """Write a CAM overlay PNG for each IMAGE and print the top classes."""
     from .explainer import Explainer
 
     info = methods.get_method(method)
+    method = info.name
     if panel and method not in ("gradcam", "guided-gradcam", "guided-backprop"):
         _fail("--panel shows Grad-CAM with Guided Backprop (the paper's Figure 1); use it with --method gradcam")
     if counterfactual and info.kind == "perturbation":
@@ -217,8 +228,14 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
                      size=_parse_size(size), layout=layout.upper() if layout else None)
     tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
     paths, folder = _output_paths(list(images), out, tag)
+    from .export import guard_outputs, model_files
+
+    read = [*model_files(model), *([labels_file] if labels_file else []),
+            *(e.split("=", 1)[1] for e in extra_inputs if "=" in e),
+            *([region.split(":", 1)[1]] if region and ":" in region else [])]
+    guard_outputs(paths, read)
     explainer = Explainer(model, layer=list(layers) or None, method="guided-gradcam" if panel else method,
-                          output=output_name, batch_size=batch_size, device=device)
+                          output=output_name, batch_size=batch_size, device=device, batch_axis=batch_axis)
     model_outputs = [o.name for o in explainer.source_model.graph.output]
     if folder is not None and out is not None and out in model_outputs:
         # The issue tracker and other tools say "--output NAME" for the model output; here -o is the PNG path.
@@ -240,6 +257,9 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         target_index = target_kinds.parse_box(box, field)
     elif target is not None and "," in target and target.replace(",", "").replace("-", "").strip().isdigit():
         target_index = target_kinds.parse_index(target)
+    elif target is None and explainer.is_detector:
+        # A detector with no target given: its top detection's class score (the box is drawn on the overlay).
+        target_index = target_kinds.DetectionTarget(None, "class")
     else:
         target_index = _resolve_target(target, labels, k)
     other_inputs = target_kinds.load_inputs(extra_inputs, explainer)
@@ -283,6 +303,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
                 if sample.ndim == 2 else render.slices(sample, heat, alpha=alpha)
             render.save_png(picture, path)
         overlay = render.overlay(pil, result.heatmaps[i], alpha=alpha) if pil is not None else None
+        if overlay is not None and isinstance(t, target_kinds.DetectionTarget):
+            _draw_box(overlay, result.scores[i], t, tensors[i].shape, explainer.layout)
         if pil is None:
             pass
         elif panel:
@@ -310,6 +332,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         })
         if result.target_scores is not None:  # the differentiated scalar y = <W, score>
             records[-1]["target_score"] = float(result.target_scores[i])
+        records[-1]["warnings"] = [re.sub(r"^sample \d+ ", "", w) for w in result.warnings
+                                   if re.match(rf"sample {i}\b", w)]
         if (isinstance(t, target_kinds.RegionTarget) and t.mask is None and scores.ndim >= 2
                 and not (scores.argmax(0) == t.cls).any()):
             records[-1]["note"] = f"class {t.cls} owns no pixel of the predicted mask: the region and its map are empty"
@@ -323,9 +347,24 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
                    f"{', '.join(rec['layers'])} -> {rec['output']} [{rec['provider']}]")
         if "note" in rec:
             click.echo(f"onnxcam: note: {rec['image']}: {rec['note']}", err=True)
+        for w in rec["warnings"]:
+            click.echo(f"onnxcam: warning: {rec['image']}: {w}", err=True)
         for rank, entry in enumerate(rec["top"], 1):
             click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
                        f"p={entry['probability']:.4f}")
+
+
+def _draw_box(picture, scores: np.ndarray, t, tensor_shape, layout: str) -> None:
+    """The explained detection's box (x, y, w, h in input pixels, YOLO's convention) on the overlay."""
+    from PIL import ImageDraw
+
+    per_box = scores if t.fields(scores.shape)[0] == "yolov5" else scores.T
+    cx, cy, w, h = (float(v) for v in per_box[t.box, :4])
+    in_h, in_w = (tensor_shape[1], tensor_shape[2]) if layout == "NHWC" else (tensor_shape[-2], tensor_shape[-1])
+    sx, sy = picture.width / in_w, picture.height / in_h
+    w, h = abs(w), abs(h)
+    xy = [(cx - w / 2) * sx, (cy - h / 2) * sy, (cx + w / 2) * sx, (cy + h / 2) * sy]
+    ImageDraw.Draw(picture).rectangle(xy, outline=(0, 255, 0), width=max(2, picture.width // 200))
 
 
 def _run_batched(explainer, tensors, run):
@@ -386,13 +425,17 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
     out_path = Path(out)
     if os.path.exists(model) and os.path.realpath(out_path) == os.path.realpath(model):
         _fail("the output would overwrite the input model")
+    # The model's external-data files are inputs too: writing over one corrupts the model silently.
+    export.guard_outputs([out_path], export.model_files(model))
     exported = export.export_model(model, layer=list(layers) or None, method=method, heatmap_size=heatmap_size,
-                                   output=output_name)
-    export.save_model(exported, out_path)
+                                   output=output_name, inline_weights=False)  # external weights stay external
+    inputs = export.model_files(model, exported)
+    export.save_model(exported, out_path, inputs)
     click.echo(f"wrote {out_path}: inputs {', '.join(i.name for i in exported.graph.input)}; "
                f"outputs {', '.join(o.name for o in exported.graph.output)}")
     if triton_dir:
-        root = export.write_triton_repository(exported, triton_dir, triton_name or out_path.stem, max_batch)
+        root = export.write_triton_repository(exported, triton_dir, triton_name or out_path.stem, max_batch,
+                                              inputs)
         click.echo(f"wrote Triton model repository entry {root}")
 
 
@@ -411,17 +454,38 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
               help="Threads running explain batches at the same time.")
 @click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
               help="Largest request body; larger ones are answered 413.")
+@click.option("--max-image-mp", default=40.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Largest image, in decoded megapixels; larger ones are answered 413.")
+@click.option("--max-request-mp", default=100.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Decoded megapixels of all images in one request; more is answered 413.")
+@click.option("--max-inflight-mp", default=100.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Decoded megapixels held by all requests together; a request that does not fit gets 503.")
+@click.option("--max-overlay-side", default=1024, show_default=True, type=click.IntRange(1, None),
+              help="Longest side of overlay images, in pixels.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Seconds for a request's headers to arrive; then 408 and the connection is closed.")
+@click.option("--body-timeout", default=60.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Seconds for a request's body to arrive after its headers; then 408.")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(0, None, min_open=True),
+              help="Seconds an idle connection is kept open.")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, None),
+              help="Open connections; requests beyond are answered 503.")
 @click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
 @click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
 @_device_option
-def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, layers, method,
-              device):
+def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, max_image_mp,
+              max_request_mp, max_inflight_mp, max_overlay_side, header_timeout, body_timeout, keep_alive_timeout,
+              max_connections, layers, method, device):
     """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
     from . import serve
 
+    limits = serve.Limits(image_pixels=round(max_image_mp * 1e6), request_pixels=round(max_request_mp * 1e6),
+                          inflight_pixels=round(max_inflight_mp * 1e6), overlay_side=max_overlay_side,
+                          body_timeout=body_timeout)
     serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
               max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=list(layers) or None, method=method,
-              device=device)
+              device=device, limits=limits, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
+              max_connections=max_connections)
 
 
 @cli.command("evaluate")
@@ -464,7 +528,9 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
         _fail(f"--road-percentiles must lie strictly between 0 and 100, got '{road_percentiles}'")
     methods_list = list(dict.fromkeys(method_names)) or ["gradcam"]
     if out:
-        ev.check_output(out, [model])
+        from .export import model_files
+
+        ev.check_output(out, [*model_files(model), data, *ev.input_files(data)])
     if not os.path.exists(data):
         _fail(f"data not found: {data}")
     evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,

@@ -73,6 +73,8 @@ def load_dataset(data: str | os.PathLike, labels: Sequence[str] | None = None) -
     path = Path(data)
     if not path.exists():
         raise OnnxcamError(f"data not found: {path}")
+    if not path.is_file() and not path.is_dir():
+        raise OnnxcamError(f"data {path} is not a regular file or a folder (a pipe, socket or device cannot be read)")
     if path.is_file():
         folder = path.parent
         if path.suffix.lower() == ".json":
@@ -148,7 +150,13 @@ def _box(values, where: str) -> Box:
     return b
 
 
+MAX_ANNOTATION_BYTES = 256 * 2 ** 20
+
+
 def _read_text(path: Path) -> str:
+    from .safeio import regular_file
+
+    regular_file(path, "annotation file", MAX_ANNOTATION_BYTES)  # a FIFO would block, /dev/zero never end
     try:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -158,6 +166,8 @@ def _read_text(path: Path) -> str:
 def _from_json(path: Path, folder: Path, labels) -> list[Sample]:
     try:
         data = json.loads(_read_text(path))
+    except RecursionError:
+        raise OnnxcamError(f"{path} is nested too deeply") from None
     except ValueError as exc:
         raise OnnxcamError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -523,7 +533,10 @@ class Evaluation:
                 writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
             text = buf.getvalue()
         try:
-            p.write_text(text)
+            # Written to a new file then renamed: a hard link to an input is left as it was.
+            tmp = p.with_name(f".{p.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, p)
         except OSError as exc:
             raise OnnxcamError(f"cannot write {p}: {exc.strerror or exc}") from None
 
@@ -542,5 +555,23 @@ def check_output(path: str | os.PathLike, protect: Sequence[str | os.PathLike] =
         raise OnnxcamError(f"cannot write {p}: permission denied")
     real = os.path.realpath(p)
     for q in protect:
-        if os.path.realpath(q) == real:
-            raise OnnxcamError(f"output {p} would overwrite an input")
+        same = os.path.realpath(q) == real
+        if not same and p.exists() and os.path.exists(q):
+            try:
+                same = os.path.samefile(p, q)  # a hard link to an input is that input
+            except OSError:
+                same = False
+        if same:
+            raise OnnxcamError(f"output {p} would overwrite an input ({q})")
+
+
+def input_files(data: str | os.PathLike) -> list[Path]:
+    """Files `load_dataset(data)` may read: DATA itself when it is a file, else the folder's annotations,
+    CSV and XML files and its images (all files directly in it)."""
+    path = Path(data)
+    if path.is_dir():
+        try:
+            return [q for q in path.iterdir() if q.is_file()]
+        except OSError:
+            return []
+    return [path]

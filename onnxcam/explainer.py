@@ -1,6 +1,7 @@
 """The Python API: `Explainer(model).explain(inputs, targets)`."""
 from __future__ import annotations
 
+import difflib
 import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -12,8 +13,9 @@ from .runtime import ort  # first: says what to install when onnxruntime is miss
 from . import build, layouts, methods, perturb, preprocess, rewrite
 from . import targets as target_kinds
 from .errors import OnnxcamError
-from .graph import ModelLike, ModelView, infer_shapes, load_model
-from .runtime import explicit_gpu, first_line, make_session, ortvalue_dtype, resolve_device, session_device
+from .graph import ModelLike, ModelView, ensure_opset, infer_shapes, load_model, opset_version
+from .runtime import (explicit_gpu, first_line, make_session, ortvalue_dtype, require_finite, resolve_device,
+                      session_device)
 
 
 @dataclass
@@ -33,6 +35,104 @@ class Explanation:
     # Target objects (onnxcam.targets): (N,) the differentiated scalar y = <W, score> per sample; `targets` then
     # holds the target objects and `scores` the score in the output's own shape.
     target_scores: np.ndarray | None = None
+    # (N,) True where the explained score does not depend on the layer at all (its gradient is exactly zero):
+    # the map is empty because the question has no answer at this layer, not because nothing matters.
+    zero_gradient: np.ndarray | None = None
+    # (N,) True where the map is all zero (zero gradient, or every position's weighted sum negative).
+    empty: np.ndarray | None = None
+    # One line per problem a user must see next to the map (the CLI prints them as warnings).
+    warnings: list = field(default_factory=list)
+    # Set by Explainer.explain so that the result can draw itself: the input's layout and the class names.
+    layout: str = "NCHW"
+    labels: list | None = field(default=None, repr=False)
+
+    def overlay(self, i: int = 0, alpha: float = 0.5, max_side: int | None = None):
+        """Sample i's heatmap in jet colours over its picture, as a PIL RGB image: the decoded photo for
+        Explainer.explain_image, else the input tensor min-max scaled (onnxcam.render.tensor_image). `alpha`:
+        weight of the colours (0: the picture, 1: the colours); `max_side` shrinks large pictures."""
+        from . import render
+
+        n = len(self.heatmaps)
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
+            raise OnnxcamError(f"sample {i!r} is out of range: the explanation has {n} sample(s)")
+        i = int(i) % n
+        heat = np.asarray(self.heatmaps[i])
+        if heat.ndim != 2:
+            raise OnnxcamError(f"overlay draws 2-D maps; this one has shape {heat.shape} (onnxcam.render.curve "
+                               f"and render.slices draw 1-D and 3-D maps)")
+        image = self.extras.get("image")
+        if image is None or n != 1:
+            x = self.extras.get("input")
+            if x is None:
+                raise OnnxcamError("this explanation holds no image to draw on (it was not made by "
+                                   "Explainer.explain or explain_image)")
+            image = render.tensor_image(np.asarray(x[i]), self.layout)
+        return render.overlay(image, heat, alpha=alpha, max_side=max_side)
+
+    def save(self, path, i: int = 0, alpha: float = 0.5):
+        """Writes `overlay(i, alpha)` to `path` (PNG, or JPEG for .jpg/.jpeg) and returns the path."""
+        from . import render
+
+        render.save_png(self.overlay(i, alpha), path)
+        return path
+
+    def title(self, i: int = 0) -> str:
+        """What sample i explains, e.g. 'coffee mug (504) - gradcam'."""
+        t = self.targets[i]
+        if isinstance(t, (int, np.integer)):
+            k = int(t)
+            name = self.labels[k] if self.labels is not None and 0 <= k < len(self.labels) else None
+            text = f"{name} ({k})" if name else f"class {k}"
+        else:
+            text = target_kinds.describe(t)
+        return f"{text} - {self.method}" + (" (counterfactual)" if self.counterfactual else "")
+
+    def _repr_png_(self):
+        # Jupyter's rich display: the overlay with its title, a grid for a batch. None (a map that is not 2-D,
+        # no picture) lets Jupyter fall back to the text repr.
+        from . import render
+
+        shown = min(len(self.heatmaps), _DISPLAY_MAX)
+        try:
+            tiles = [render.panel([self.overlay(i, max_side=_DISPLAY_SIDE)], [self.title(i)]) for i in range(shown)]
+        except OnnxcamError:
+            return None
+        rows = [tiles[r:r + _DISPLAY_COLS] for r in range(0, shown, _DISPLAY_COLS)]
+        gap = 6
+        width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in rows)
+        heights = [max(t.height for t in row) for row in rows]
+        from PIL import Image
+
+        grid = Image.new("RGB", (width, sum(heights) + gap * (len(rows) - 1)), "white")
+        y = 0
+        for row, h in zip(rows, heights):
+            x = 0
+            for t in row:
+                grid.paste(t, (x, y))
+                x += t.width + gap
+            y += h + gap
+        import io
+
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        return buf.getvalue()
+
+
+# A notebook shows at most this many samples of a batch, this many per row, each at most this many pixels wide.
+_DISPLAY_MAX, _DISPLAY_COLS, _DISPLAY_SIDE = 16, 4, 512
+
+
+# explain_image's keywords: what goes to explain(), and the preprocessing overrides (resolve_preprocess).
+_EXPLAIN_OPTIONS = ("aug_smooth", "eigen_smooth", "channels", "progress")
+_PREPROCESS_OVERRIDES = ("preset", "mean", "std", "size", "layout")
+_EXPLAIN_IMAGE_KEYWORDS = ("targets", "counterfactual", "pp") + _EXPLAIN_OPTIONS + _PREPROCESS_OVERRIDES
+
+
+def _unknown_keywords(function: str, unknown, accepted) -> str:
+    guesses = [g for k in unknown for g in difflib.get_close_matches(k, accepted, n=1)]
+    hint = f" (did you mean {', '.join(repr(g) for g in guesses)}?)" if guesses else ""
+    return (f"{function}() got unknown keyword(s) {', '.join(repr(k) for k in unknown)}{hint}; it accepts "
+            f"{', '.join(accepted)}")
 
 
 # pytorch-grad-cam's default test-time augmentation (ttach): horizontal flip x intensity factor.
@@ -46,18 +146,34 @@ class Explainer:
     def __init__(self, model: ModelLike, layer: str | Sequence[str] | None = None, method: str = "gradcam",
                  providers: Sequence | None = None, output: str | None = None, layout: str | None = None,
                  batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
-                 session_options=None, device: str | None = None):
+                 session_options=None, device: str | None = None, base_dir=None,
+                 batch_axis: int | None = None):
         self.method_info = methods.get_method(method)
+        method = self.method_info.name  # "GradCAM" and "gradcam" are one method
         strict = providers is None and explicit_gpu(device)  # no silent CPU fallback for a named GPU
         if providers is None and device is not None:  # `providers` wins over `device`; neither: the CPU
             providers = resolve_device(device)
-        source = load_model(model)
+        source = load_model(model, base_dir)  # base_dir: where bytes/ModelProto may read external data
         self.source_model = source
-        inferred = infer_shapes(source)
+        # Every graph onnxcam derives (fused, Score-CAM, Ablation-CAM) uses opset-11 op forms; an older model is
+        # upgraded once here so that none of them mixes forms (a 3-input Slice in an opset-9 graph is invalid).
+        working = ensure_opset(source, 11) if opset_version(source) < 11 else source
+        inferred = infer_shapes(working)
         view = ModelView(inferred)
         self.input_names = list(view.graph_inputs)
         self.image_input, self.score, self.layers = rewrite.resolve(view, layer, output)
+        self.output_name = self.score
+        self.score_is_probability = rewrite.after_sigmoid(view, self.score)
+        self.batching = rewrite.batching(inferred, view, self.image_input, self.score, batch_axis)
+        if self.batching.axis != 0 or self.batching.rank is not None:  # (T, N, K) CTC logits: read as (N, T, K)
+            self.score = rewrite.batch_first(inferred, self.score, self.batching.axis, self.batching.rank)
+            view = ModelView(inferred)
         self.layer = self.layers[0]
+        # A detection head: the default layers are the maps its branches fork from, and the score is a table of
+        # boxes x fields. With no target given, the CLI explains its top detection.
+        score_shape = view.shape(self.score)
+        self.is_detector = (layer is None and len(self.layers) > 1 and score_shape is not None
+                            and len(score_shape) == 3)
         self.method = method
         if batch_size < 1:
             raise OnnxcamError(f"batch size must be positive, got {batch_size}")
@@ -120,8 +236,10 @@ class Explainer:
                       pp: preprocess.Preprocess | None = None, **kwargs) -> Explanation:
         """Loads (path or PIL image) and preprocesses one image, then explains it; `.extras["image"]`
         holds the decoded RGB image for overlays. kwargs: explain()'s options or preprocessing overrides."""
-        explain_opts = {k: kwargs.pop(k) for k in ("aug_smooth", "eigen_smooth", "channels", "progress")
-                        if k in kwargs}
+        explain_opts = {k: kwargs.pop(k) for k in _EXPLAIN_OPTIONS if k in kwargs}
+        unknown = [k for k in kwargs if k not in _PREPROCESS_OVERRIDES]
+        if unknown:  # else resolve_preprocess would fail with a TypeError about its own arguments
+            raise OnnxcamError(_unknown_keywords("explain_image", unknown, _EXPLAIN_IMAGE_KEYWORDS))
         pil = preprocess.load_image(image)
         pp = pp or self.preprocessing(**kwargs)
         result = self.explain(preprocess.to_tensor(pil, pp), targets, counterfactual=counterfactual,
@@ -137,9 +255,59 @@ class Explainer:
         negates the gradients (gradient methods). `aug_smooth`: average over flips x intensity factors
         (pytorch-grad-cam's test-time augmentation); `eigen_smooth`: first principal component of the
         weighted activations instead of their channel sum. `channels`: for Score-CAM / Ablation-CAM, the
-        channels to perturb (default all); `progress(n)` is called as perturbed batches finish."""
+        channels to perturb (default all); `progress(n)` is called as perturbed batches finish. A class may
+        also be given by its label ('coffee mug'), see `class_index`."""
         feeds = self._feeds(inputs)
+        result = self._explain_feeds(feeds, self.class_targets(targets), counterfactual, aug_smooth, eigen_smooth,
+                                     channels, progress)
+        # Kept so that the result can draw itself (Explanation.overlay, its display in a notebook).
+        result.extras.setdefault("input", feeds[self.image_input])
+        result.layout, result.labels = self.layout, self.labels
+        return result
+
+    def class_targets(self, targets):
+        """`targets` with every class label (str) replaced by its index (`class_index`); the rest as given."""
+        if isinstance(targets, str):
+            return self.class_index(targets)
+        if isinstance(targets, np.ndarray) and targets.dtype.kind in "US":
+            return [self.class_index(str(t)) for t in targets.ravel()]
+        if isinstance(targets, (list, tuple)) and any(isinstance(t, str) for t in targets):
+            return [self.class_index(t) if isinstance(t, str) else t for t in targets]
+        return targets
+
+    def class_index(self, label: str) -> int:
+        """The class a label names, from the model's labels: an exact match first, then ignoring case and
+        surrounding spaces. A label that names several classes (ImageNet has two 'crane's) or none is an
+        OnnxcamError; none says which labels come close."""
+        labels = self.labels
+        if not labels:
+            raise OnnxcamError(f"target '{label}' is a label, but the model has no class labels (metadata "
+                               f"'{preprocess.LABELS_KEY}'); pass a class index")
+        key = label.strip().lower()
+        for same in (lambda name: name == label, lambda name: name.strip().lower() == key):
+            found = [k for k, name in enumerate(labels) if same(name)]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise OnnxcamError(f"target '{label}' names {len(found)} classes ({', '.join(map(str, found))}); "
+                                   f"pass the class index")
+        lowered = {}
+        for name in labels:
+            lowered.setdefault(name.strip().lower(), name)
+        near = [lowered[n] for n in lowered if key and key in n.split()][:3]  # 'cat' -> 'tiger cat' ...
+        near += [lowered[n] for n in lowered if key and key in n][:3]
+        near += [lowered[n] for n in difflib.get_close_matches(key, list(lowered), n=5, cutoff=0.6)]
+        near = list(dict.fromkeys(near))[:5]
+        hint = ("; did you mean " + ", ".join(f"'{n}'" for n in near) + "?") if near else \
+            f" (Explainer.labels lists the {len(labels)})"
+        raise OnnxcamError(f"target '{label}' matches no class label{hint}")
+
+    def _explain_feeds(self, feeds, targets, counterfactual, aug_smooth, eigen_smooth, channels,
+                       progress) -> Explanation:
         n = feeds[self.image_input].shape[0]
+        if self.batching.fixed and n > 1:  # the graph computes one sample per run
+            return self._sample_by_sample(feeds, n, targets, counterfactual=counterfactual, aug_smooth=aug_smooth,
+                                          eigen_smooth=eigen_smooth, channels=channels, progress=progress)
         if target_kinds.is_target_request(targets):  # index tuples, regions, boxes: onnxcam/targets.py
             if aug_smooth:
                 raise OnnxcamError("aug_smooth flips the image, which moves regions and boxes; use it with class "
@@ -151,6 +319,21 @@ class Explainer:
         if aug_smooth:
             return self._aug_smooth(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
         return self._explain(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
+
+    def _check_batch_rows(self, feeds) -> None:
+        try:
+            scores = target_kinds.score_values(self, feeds)
+        except Exception:
+            return
+        check_samples(scores, feeds[self.image_input].shape[0], self.output_name)
+
+    def _sample_by_sample(self, feeds, n: int, targets, **options) -> Explanation:
+        if isinstance(targets, (list, tuple, np.ndarray)) and len(targets) == n:
+            per = list(targets)
+        else:
+            per = [targets] * n
+        parts = [self.explain({k: v[s:s + 1] for k, v in feeds.items()}, per[s], **options) for s in range(n)]
+        return concatenate(parts)
 
     def explain_bound(self, inputs, targets=None, counterfactual: bool = False, to_numpy: bool = True):
         """`explain` through `session.io_binding()`: inputs (numpy arrays, or `onnxruntime.OrtValue`s already on
@@ -196,6 +379,9 @@ class Explainer:
             return dict(zip(names, binding.get_outputs()))
         outs = dict(zip(names, binding.copy_outputs_to_cpu()))
         scores, chosen = outs[build.SCORES], outs[build.TARGETS]
+        check_samples(scores, n, self.output_name)
+        require_finite(scores, f"the model's output '{self.output_name}'")
+        require_finite(outs[build.HEATMAPS], "the heatmap")
         if self.num_classes is None and ((chosen < 0) | (chosen >= scores.shape[1])).any():
             bad = chosen[(chosen < 0) | (chosen >= scores.shape[1])]
             raise OnnxcamError(f"target {int(bad[0])} is out of range for {scores.shape[1]} classes")
@@ -213,8 +399,10 @@ class Explainer:
         try:
             outs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)))
         except Exception as exc:
+            self._check_batch_rows(feeds)  # a misread batch axis fails in the seed: say that, not where it broke
             raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
         scores, chosen = outs[build.SCORES], outs[build.TARGETS]
+        check_samples(scores, feeds[self.image_input].shape[0], self.output_name)
         if self.num_classes is None and (target_vec >= 0).any():
             bad = (chosen < 0) | (chosen >= scores.shape[1])
             if bad.any():
@@ -235,9 +423,16 @@ class Explainer:
         if kind == "pixel":
             guided = outs[build.GUIDED_GRADCAM if self.method == "guided-gradcam" else build.GUIDED]
             extras["guided_backprop"] = outs[build.GUIDED]
-        return Explanation(maps=maps[0], heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
-                           method=self.method, counterfactual=counterfactual, guided=guided,
-                           maps_per_layer=maps, extras=extras)
+        # Inputs were checked finite: NaN/Inf here is computed by the model itself.
+        require_finite(scores, f"the model's output '{self.output_name}'")
+        for m in maps:
+            require_finite(m, "the class activation map (the model's activations or gradients)")
+        require_finite(heat, "the heatmap")
+        r = Explanation(maps=maps[0], heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
+                        method=self.method, counterfactual=counterfactual, guided=guided,
+                        maps_per_layer=maps, extras=extras)
+        flag_empty(r, outs, self.layers)
+        return r
 
     # -- methods outside the fused graph ----------------------------------------------------
     def _postprocess(self):
@@ -275,18 +470,19 @@ class Explainer:
             raise OnnxcamError(f"channels must be indices in 0..{c - 1}")
         session = self._perturbation_session(i)
         needed = {x.name for x in session.get_inputs()}
+        batch = 1 if self.batching.fixed else self.batch_size  # a batch-1 graph would mix the perturbations
         maps = []
         for s in range(n):
             extra = {k: v[s:s + 1] for k, v in feeds.items() if k in needed and k != self.image_input}
             target = int(chosen[s])
             if self.method == "scorecam":
                 w = perturb.scorecam_weights(session, feeds[self.image_input][s:s + 1], acts[s], target, chans,
-                                             self.batch_size, extra, progress)
+                                             batch, extra, progress)
             else:
                 if self.image_input in needed:
                     extra[self.image_input] = feeds[self.image_input][s:s + 1]
                 w = perturb.ablation_weights(session, acts[s], float(scores[s, target]), target, chans,
-                                             self.batch_size, extra, progress)
+                                             batch, extra, progress)
             weighted = w.reshape((c,) + (1,) * (acts.ndim - 2)) * acts[s]
             maps.append(np.maximum(weighted.sum(axis=0), 0))
         return np.float32(maps)
@@ -322,10 +518,16 @@ class Explainer:
         plain = AUGMENTATIONS.index((False, 1.0))
         part = slice(plain * n, (plain + 1) * n)
         maps = [deaugment(m) for m in r.maps_per_layer]
-        return Explanation(maps=maps[0], heatmaps=deaugment(r.heatmaps), scores=r.scores[part],
-                           targets=r.targets[part], layer=self.layer, method=self.method,
-                           counterfactual=counterfactual, guided=None if r.guided is None else r.guided[part],
-                           maps_per_layer=maps)
+        out = Explanation(maps=maps[0], heatmaps=deaugment(r.heatmaps), scores=r.scores[part],
+                          targets=r.targets[part], layer=self.layer, method=self.method,
+                          counterfactual=counterfactual, guided=None if r.guided is None else r.guided[part],
+                          maps_per_layer=maps)
+        # Zero gradient for every augmented copy of a sample: the same answer as without augmentation.
+        peaks = {build.grad_peak_name(i): np.stack(np.split(np.asarray(r.zero_gradient, np.float32) == 0,
+                                                             len(AUGMENTATIONS))).any(0).astype(np.float32)
+                 for i in range(len(self.layers))} if r.zero_gradient is not None else {}
+        flag_empty(out, peaks, self.layers)
+        return out
 
     # -- input checking ---------------------------------------------------------------------
     def _feeds(self, inputs, ortvalues: bool = False) -> dict[str, np.ndarray]:
@@ -355,7 +557,8 @@ class Explainer:
                                    f"{_fmt_shape(want)}")
             if want is not None:
                 for axis, (got, exp) in enumerate(zip(shape, want)):
-                    if isinstance(exp, int) and got != exp:
+                    # A one-sample graph takes a batch: explain() runs it sample by sample.
+                    if isinstance(exp, int) and got != exp and not (axis == 0 and exp == 1 and self.batching.fixed):
                         raise OnnxcamError(f"input '{name}' has shape {shape}; the model expects "
                                            f"{_fmt_shape(want)}")
             dtype = self.input_dtypes[name]
@@ -366,6 +569,8 @@ class Explainer:
                 else:
                     raise OnnxcamError(f"input '{name}' has dtype {got_dtype}; the model expects {dtype}")
             out[name] = arr if bound else np.ascontiguousarray(arr)
+            if not bound:  # after the cast: 1e39 is finite in float64 but inf in float32
+                require_finite(out[name], f"input '{name}'")
         image = out[self.image_input]
         image_shape = tuple(image.shape()) if isinstance(image, ort.OrtValue) else image.shape
         if len(image_shape) == 0 or image_shape[0] == 0:
@@ -393,6 +598,56 @@ class Explainer:
         if k is None and (t < 0).any():
             raise OnnxcamError(f"target {int(t[t < 0][0])} is out of range")
         return t
+
+
+def check_samples(scores: np.ndarray, n: int, output: str) -> None:
+    """The score must come out with one row per sample; anything else means the batch axis was misread, and
+    every map would explain the wrong scalar."""
+    if scores.shape[0] != n:
+        raise OnnxcamError(f"output '{output}' came out with {scores.shape[0]} rows for {n} sample(s): its batch "
+                           f"axis is not where onnxcam looked; pass batch_axis= (API) or --batch-axis (CLI)")
+
+
+def flag_empty(r: Explanation, outs: dict, layers: Sequence[str], quiet=()) -> None:
+    """Fills r.zero_gradient / r.empty / r.warnings from the fused outputs, so that a blank map never passes
+    for an answer. `quiet`: samples whose emptiness the caller explains itself."""
+    peaks = [outs.get(build.grad_peak_name(i)) for i in range(len(layers))]
+    n = r.maps.shape[0]
+    r.empty = np.asarray(r.maps).reshape(n, -1).max(axis=1) <= 0 if r.maps.size else np.ones(n, bool)
+    if all(p is not None for p in peaks):
+        r.zero_gradient = np.all([np.asarray(p) == 0 for p in peaks], axis=0)
+    for s in range(n):
+        if s in quiet:
+            continue
+        what = f"sample {s}" + (f" (target {r.targets[s]})" if r.targets is not None else "")
+        if r.zero_gradient is not None and r.zero_gradient[s]:
+            r.warnings.append(f"{what}: the explained score does not depend on layer(s) {', '.join(layers)} "
+                              f"(gradient exactly zero), so the map is empty; choose another layer or target")
+        elif r.empty[s] and r.counterfactual:
+            r.warnings.append(f"{what}: the counterfactual map is empty: nothing at this layer argues against "
+                              f"the target")
+        elif r.empty[s]:
+            r.warnings.append(f"{what}: the map is empty: every position's weighted sum is negative or zero")
+
+
+def concatenate(parts: Sequence[Explanation]) -> Explanation:
+    """Explanations of consecutive slices of one batch, as one."""
+    r = parts[0]
+    if len(parts) == 1:
+        return r
+    out = Explanation(maps=r.maps, heatmaps=r.heatmaps, scores=r.scores, targets=r.targets, layer=r.layer,
+                      method=r.method, counterfactual=r.counterfactual)
+    for name in ("maps", "heatmaps", "scores", "targets", "guided", "target_scores", "zero_gradient", "empty"):
+        if getattr(r, name) is not None:
+            setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
+    out.maps_per_layer = [np.concatenate([p.maps_per_layer[i] for p in parts]) for i in range(len(r.maps_per_layer))]
+    out.extras = {k: np.concatenate([p.extras[k] for p in parts]) if isinstance(v, np.ndarray) else v
+                  for k, v in r.extras.items()}
+    offset = 0
+    for p in parts:  # sample numbers in the warnings count over the whole batch
+        out.warnings.extend(w.replace("sample 0", f"sample {offset}", 1) for w in p.warnings)
+        offset += len(p.maps)
+    return out
 
 
 def _static_classes(view: ModelView, score: str) -> int | None:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import build, layouts, methods, rewrite
+from . import build, layouts, methods, rewrite, safeio
 from .errors import OnnxcamError
 from .graph import Emitter, ModelLike, ModelView, infer_shapes, load_model, prune
 
@@ -29,7 +29,10 @@ def exportable_methods() -> list[str]:
 
 def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_size: str = "input",
                  output: str | None = None, layout: str | None = None, target_name: str = "target",
-                 heatmap_name: str = "heatmap") -> onnx.ModelProto:
+                 heatmap_name: str = "heatmap", inline_weights: bool = True) -> onnx.ModelProto:
+    """The explainable graph. A model loaded with external data keeps its large weights on disk (references
+    only onnxcam can read) when `inline_weights` is False or they exceed 2 GB: write it with save_model, which
+    puts them in `<output>.data`. Otherwise the result is a self-contained ModelProto for onnx.save."""
     if methods.get_method(method).kind != "gradient":
         raise OnnxcamError(f"method '{method}' cannot be exported as one graph (it needs numpy or many forward "
                            f"passes); exportable: {', '.join(exportable_methods())}")
@@ -82,29 +85,143 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
     m.graph.output.append(helper.make_tensor_value_info(heatmap_name, TensorProto.FLOAT, heat_dims))
     prune(m, [o.name for o in m.graph.output])
     m.producer_name = "onnxcam"
+    checked = m
+    if any(safeio.sealed_location(t) is not None for t in m.graph.initializer):
+        # Weights left on disk carry absolute locations, which the checker refuses (and it would look for them
+        # relative to the working directory): it checks them as typed graph inputs of the same shape instead.
+        checked = onnx.ModelProto()
+        checked.CopyFrom(m)
+        inits = list(checked.graph.initializer)
+        del checked.graph.initializer[:]
+        declared = {i.name for i in checked.graph.input}
+        for t in inits:
+            if safeio.sealed_location(t) is None:
+                checked.graph.initializer.append(t)
+            elif t.name not in declared:
+                checked.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        onnx.checker.check_model(m, full_check=True)
+        onnx.checker.check_model(checked, full_check=True)
     except Exception as exc:
         raise OnnxcamError(f"exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    sealed = [t for t in m.graph.initializer if safeio.sealed_location(t) is not None]
+    if sealed and inline_weights and m.ByteSize() + sum(safeio.sealed_location(t)[2] for t in sealed) < 2_000_000_000:
+        # Small enough for one file: a self-contained proto, as onnx.save and onnxruntime expect. Larger models
+        # keep their weights on disk; save_model writes them next to the output.
+        for t in sealed:
+            safeio.inline_sealed(t)
     return m
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike,
+               inputs: "list[str | os.PathLike] | tuple" = ()) -> None:
+    """Writes `model` to `path`; with weights onnxcam left on disk (a model loaded with external data), or a
+    proto over protobuf's 2 GB limit, the weights go to `<path>.data` next to it, streamed from their source
+    files rather than gathered in memory. `inputs`: files the command read; neither written file may be one
+    of them (or a link to one). `model` itself is not changed."""
+    from . import safeio
+
     path = Path(path)
     if not path.parent.is_dir():
         raise OnnxcamError(f"cannot write {path}: directory {path.parent} does not exist")
+    external = any(safeio.sealed_location(t) is not None for t in model.graph.initializer) or \
+        model.ByteSize() > 2_000_000_000
+    data_path = path.with_name(path.name + ".data")
+    guard_outputs([path, data_path] if external else [path], inputs)
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp_data = data_path.with_name(f".{data_path.name}.tmp")
     try:
-        if model.ByteSize() > 2_000_000_000:
-            onnx.save(model, tmp, save_as_external_data=True, location=path.name + ".data")
+        if external:
+            out = onnx.ModelProto()
+            out.CopyFrom(model)
+            _write_external(out, tmp_data, data_path.name)
         else:
-            onnx.save(model, tmp)
+            out = model
+        with open(tmp, "wb") as f:
+            f.write(out.SerializeToString())
+        if external:
+            os.replace(tmp_data, data_path)
         os.replace(tmp, path)
     except OSError as exc:
         raise OnnxcamError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise OnnxcamError(f"cannot write {path}: {str(exc).splitlines()[0]}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for t in (tmp, tmp_data):
+            if t.exists():
+                t.unlink()
+
+
+def _write_external(model: onnx.ModelProto, data_file: Path, location: str) -> None:
+    """Moves every large main-graph initializer of `model` (in place) into `data_file`, referenced as
+    `location` relative to the model: sealed ones are copied from their source in chunks."""
+    from . import safeio
+
+    align = 4096  # page-aligned offsets: onnxruntime can map them
+    with open(data_file, "wb") as f:
+        for t in model.graph.initializer:
+            sealed = safeio.sealed_location(t)
+            if sealed is None and (safeio.is_external(t) or len(t.raw_data) <= safeio.INLINE_BYTES):
+                continue
+            pad = (-f.tell()) % align
+            f.write(b"\0" * pad)
+            offset = f.tell()
+            if sealed is not None:
+                arr = safeio.sealed_array(t)
+                flat = arr.reshape(-1).view(np.uint8)
+                for start in range(0, flat.size, 64 << 20):
+                    f.write(flat[start:start + (64 << 20)].tobytes())
+                length = flat.size
+                del arr, flat
+            else:
+                f.write(t.raw_data)
+                length = len(t.raw_data)
+                t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                t.external_data.add(key=k, value=v)
+
+
+def guard_outputs(outputs, inputs) -> None:
+    """Refuses to write any of `outputs` over a file in `inputs` (the same file by path, link or symlink)."""
+    for out in outputs:
+        out = os.fspath(out)
+        for src in inputs:
+            src = os.fspath(src)
+            same = os.path.realpath(out) == os.path.realpath(src)
+            if not same and os.path.exists(out) and os.path.exists(src):
+                try:
+                    same = os.path.samefile(out, src)
+                except OSError:
+                    same = False
+            if same:
+                raise OnnxcamError(f"output {out} would overwrite the input {src}")
+
+
+def model_files(model, loaded: onnx.ModelProto | None = None) -> list[str]:
+    """The files a model given as `model` is read from: the model file and its external-data files."""
+    from . import safeio
+
+    files = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
+    if loaded is not None:
+        for t in loaded.graph.initializer:
+            sealed = safeio.sealed_location(t)
+            if sealed is not None and sealed[0] not in files:
+                files.append(sealed[0])
+    if isinstance(model, (str, os.PathLike)):
+        # Small external tensors were read into the proto; their files count as inputs all the same.
+        folder = os.path.dirname(os.path.abspath(os.fspath(model)))
+        try:
+            safeio.regular_file(model, "model", safeio.MAX_MODEL_BYTES)  # a FIFO would block the load
+            raw = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception:
+            return files
+        for t, _ in safeio.model_tensors(raw):
+            if safeio.is_external(t):
+                loc = safeio.external_info(t).get("location", "")
+                if loc and not os.path.isabs(loc):
+                    files.append(os.path.join(folder, loc))
+    return files
 
 
 def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int = 8,
@@ -140,14 +257,15 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int = 8,
 
 
 def write_triton_repository(model: onnx.ModelProto, directory: str | os.PathLike, name: str,
-                            max_batch_size: int = 8) -> Path:
+                            max_batch_size: int = 8, inputs=()) -> Path:
     """DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx."""
     root = Path(directory) / name
+    guard_outputs([root / "1" / "model.onnx", root / "1" / "model.onnx.data", root / "config.pbtxt"], inputs)
     try:
         (root / "1").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OnnxcamError(f"cannot create {root}: {exc.strerror or exc}") from None
-    save_model(model, root / "1" / "model.onnx")
+    save_model(model, root / "1" / "model.onnx", inputs)
     try:
         (root / "config.pbtxt").write_text(triton_config(model, name, max_batch_size))
     except OSError as exc:

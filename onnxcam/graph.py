@@ -24,32 +24,57 @@ ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
 Dim = Union[int, str, None]
 
 
-def load_model(model: ModelLike) -> onnx.ModelProto:
-    """Loads a path, serialized bytes or a ModelProto; always returns a private copy."""
+def load_model(model: ModelLike, base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+    """Loads a path, serialized bytes or a ModelProto; always returns a private copy.
+
+    External data is read only from inside one folder (see onnxcam.safeio): a path's own folder; for bytes or
+    a ModelProto, `base_dir` when given, else none at all. Large external weights stay on disk (sealed
+    references that make_session maps), so models over 2 GB load without inlining them. Graphs that are not
+    DAGs are refused here: every later walk over them would never end."""
+    from . import safeio
+
     if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    if isinstance(model, (bytes, bytearray)):
-        try:
-            return onnx.load_from_string(bytes(model))
-        except Exception as exc:  # protobuf raises several types
-            raise OnnxcamError(f"cannot parse ONNX model bytes: {exc}") from None
-    path = os.fspath(model)
-    if not os.path.exists(path):
-        raise OnnxcamError(f"model not found: {path}")
-    if os.path.isdir(path):
-        raise OnnxcamError(f"model path is a directory: {path}")
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        source = "the given ModelProto"
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        m = _parse_model(bytes(model), "cannot parse ONNX model bytes")
+        source = "the given model bytes"
+    elif isinstance(model, (str, os.PathLike)):
+        if base_dir is not None:
+            raise OnnxcamError("base_dir is for models given as bytes or a ModelProto; a model file's external "
+                               "data is read from its own folder")
+        path = os.fspath(model)
+        data = safeio.read_regular_file(path, "model", safeio.MAX_MODEL_BYTES)
+        if not data:
+            raise OnnxcamError(f"model file {path} is empty")
+        m = _parse_model(data, f"cannot read ONNX model {path}")
+        base_dir = os.path.dirname(os.path.abspath(path))
+        source = f"model {path}"
+    else:
+        raise OnnxcamError(f"a model is a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
+    if not m.HasField("graph") and not m.opset_import:
+        raise OnnxcamError(f"{source} is not an ONNX model (no graph and no opset imports)")
+    safeio.check_dag(m.graph)
+    safeio.resolve_external_data(m, base_dir, source)
+    return m
+
+
+def _parse_model(data: bytes, what: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
     try:
-        return onnx.load(path)
-    except Exception as exc:
-        raise OnnxcamError(f"cannot read ONNX model {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        m.ParseFromString(data)
+    except Exception as exc:  # protobuf raises several types
+        text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxcamError(f"{what}: {text}") from None
+    return m
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference that keeps symbolic dims; falls back to plain inference if data propagation fails.
     Returns a copy of `model` with the inferred value_info; `model` itself is left as it was."""
     skeleton = _skeleton(model)
+    _unknown_dims_dynamic(skeleton.graph)
     try:
         inferred = shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:
@@ -59,12 +84,27 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             raise OnnxcamError(f"ONNX shape inference failed: {str(exc).splitlines()[0]}") from None
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    _unknown_dims_dynamic(out.graph)
     del out.graph.value_info[:]
     out.graph.value_info.extend(inferred.graph.value_info)
     del out.graph.output[:]
     out.graph.output.extend(inferred.graph.output)
     _probe_ranks(out)
     return out
+
+
+def _unknown_dims_dynamic(g: onnx.GraphProto) -> None:
+    """Older paddle2onnx (and some other exporters) write `dim_value: -1` for a dynamic dim, and some write 0
+    on graph inputs and outputs. Taken literally, shape inference copies -1 into every shape after it and no
+    input can match; cleared, the dim is dynamic as the exporter meant. A 0 inside the graph can be a real
+    empty dim, so only the graph's inputs and outputs lose theirs."""
+    ends = {vi.name for vi in list(g.input) + list(g.output)}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value") and (d.dim_value < 0 or (d.dim_value == 0 and vi.name in ends)):
+                d.ClearField("dim_value")
 
 
 def _bulky(t: onnx.TensorProto) -> bool:
@@ -100,12 +140,25 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skel
 
 
+# Dummy sizes for dynamic non-batch input dims when probing ranks, most plausible first. Recognisers often
+# need a small fixed height (PaddleOCR: 48 or 32, refused at 224 after the first seconds of work), detectors a
+# multiple of 32 (FPN upsample-and-add); a size the model refuses is skipped, and so is every size after it
+# that is not tried yet when a pass succeeds.
+_PROBE_SIZES = (224, 64, 48, 32, 96, 128, 256, 320)
+
+
 def _probe_ranks(model: onnx.ModelProto) -> None:
-    """Reshapes to a computed shape (Shape -> Gather -> Concat, as TorchScript exports attention) defeat ONNX
-    shape inference: every tensor after them has an unknown rank, and gradient rules need ranks. Ranks do not
-    depend on input values, so one onnxruntime pass on zeros (batch 1) recovers them; the dims stay unknown.
-    Skipped, leaving ranks unknown, when an input has other dynamic dims (no safe dummy size) or the probe
-    fails."""
+    """Reshapes to a computed shape (Shape -> Gather -> Concat, as TorchScript exports attention; Paddle's
+    Shape -> Cast -> Slice) defeat ONNX shape inference: every tensor after them has an unknown rank, and
+    gradient rules and the layer choice need ranks. Only those tensors gain a shape here; what inference
+    found is kept as it was.
+
+    Ranks do not depend on input values, so an onnxruntime pass on zeros (batch 1; dynamic non-batch dims
+    get the first of `_PROBE_SIZES` the model runs with) recovers them. Further passes change one thing
+    each: the batch (2, random values) and the size (the next size that runs). A dim the same in all passes
+    is static (channels, a pooled 1x1); one that follows the batch (1 -> 2) and not the size gets the image
+    batch's symbol, so the score's sample axis can be found; any other dim stays unknown. Where some pass
+    cannot run, only what it would not have decided is kept (the rank at least)."""
     g = model.graph
     typed = {vi.name for vi in list(g.value_info) + list(g.input) + list(g.output) if dims_of(vi.type) is not None}
     typed |= {t.name for t in g.initializer}
@@ -113,15 +166,29 @@ def _probe_ranks(model: onnx.ModelProto) -> None:
     if not missing:
         return
     inits = {t.name for t in g.initializer}
-    feeds = {}
+    inputs = []
     for vi in g.input:
         if vi.name in inits:
             continue
         dims = dims_of(vi.type)
-        if dims is None or any(not isinstance(d, int) for d in dims[1:]):
+        if dims is None:
             return
-        shape = [d if isinstance(d, int) else 1 for d in dims]
-        feeds[vi.name] = np.zeros(shape, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        inputs.append((vi.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))))
+    sized = any(not isinstance(d, int) for _, dims, _ in inputs for d in dims[1:])
+    batched = [dims[0] for _, dims, _ in inputs if dims and not isinstance(dims[0], int)]
+    symbol = batched[0] if batched and isinstance(batched[0], str) else None
+    sizes = list(_PROBE_SIZES) if sized else [None]
+
+    def feeds(size, batch, random):
+        out, rng = {}, np.random.default_rng(0)
+        for name, dims, dtype in inputs:
+            shape = [d if isinstance(d, int) else (batch if axis == 0 else size) for axis, d in enumerate(dims)]
+            value = np.zeros(shape, dtype)
+            if random and dtype.kind == "f":  # integer inputs are often indices: zeros stay valid
+                value = rng.uniform(0.0, 1.0, shape).astype(dtype)
+            out[name] = value
+        return out
+
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -130,16 +197,59 @@ def _probe_ranks(model: onnx.ModelProto) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # a refused dummy size is expected, not worth a red log line
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        values = session.run(missing, feeds)
+        from .runtime import inference_session  # large weights stay on disk (mapped), not serialised
+
+        session = inference_session(probe, opts, ["CPUExecutionProvider"])
     except Exception:
         return
-    for name, value in zip(missing, values):
-        if isinstance(value, np.ndarray):
-            vi = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype),
-                                               [None] * value.ndim)
+
+    def run(size, batch, random=False):
+        try:
+            return [(v.shape, v.dtype) if isinstance(v, np.ndarray) else None
+                    for v in session.run(missing, feeds(size, batch, random))]
+        except Exception:
+            return None
+
+    base, used = None, 0
+    for used, size in enumerate(sizes):
+        base = run(size, 1)
+        if base is not None:
+            break
+    if base is None:
+        return
+    # Values change in the batch pass (or, with nothing dynamic, a pass of their own): a dim that depends on
+    # them (NonZero, NMS counts) must not pass for static.
+    by_batch = run(sizes[used], 2 if batched else 1, random=True)
+    if by_batch is None and batched:  # a graph pinned to one sample (Reshape to a literal 1) despite its input
+        by_batch = run(sizes[used], 1, random=True)
+    by_size = None
+    if sized:
+        for size in sizes[used + 1:]:
+            by_size = run(size, 1)
+            if by_size is not None:
+                break
+    outputs = {o.name: o for o in g.output}
+    for i, name in enumerate(missing):
+        if base[i] is None:
+            continue
+        shape, dtype = base[i]
+        b = by_batch[i][0] if by_batch is not None and by_batch[i] is not None else None
+        z = by_size[i][0] if by_size is not None and by_size[i] is not None else None
+        b = b if b is not None and len(b) == len(shape) else None
+        z = z if z is not None and len(z) == len(shape) else None
+        dims: list = [None] * len(shape)
+        for axis, d in enumerate(shape):
+            same_size = z is not None and z[axis] == d
+            if b is not None and b[axis] == d and (same_size or not sized):
+                dims[axis] = int(d)
+            elif symbol is not None and b is not None and (d, b[axis]) == (1, 2) and (same_size or not sized):
+                dims[axis] = symbol
+        vi = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(dtype), dims)
+        if name in outputs:  # a graph output declared without a shape: its declaration is what is read
+            outputs[name].type.CopyFrom(vi.type)
+        else:
             g.value_info.append(vi)
 
 
@@ -156,7 +266,8 @@ def dims_of(type_proto: onnx.TypeProto) -> list[Dim] | None:
     out: list[Dim] = []
     for d in type_proto.tensor_type.shape.dim:
         if d.HasField("dim_value"):
-            out.append(int(d.dim_value))
+            # Negative sizes do not exist: exporters write -1 for "dynamic".
+            out.append(int(d.dim_value) if d.dim_value >= 0 else None)
         elif d.HasField("dim_param"):
             out.append(d.dim_param)
         else:
@@ -221,7 +332,12 @@ class ModelView:
         if not name:
             return None
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            from .safeio import sealed_array, sealed_location
+
+            t = self.initializers[name]
+            if sealed_location(t) is not None:  # a large weight left on disk by load_model
+                return np.array(sealed_array(t))
+            return numpy_helper.to_array(t)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             for attr in node.attribute:
@@ -365,8 +481,32 @@ def value_info(name: str, elem_type: int, shape: Sequence[Dim] | None) -> onnx.V
     return helper.make_tensor_value_info(name, elem_type, None if shape is None else list(shape))
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope tensors that the bodies of `node` (If branches, Loop / Scan bodies, nested at any depth)
+    read by name without them being inputs of `node`."""
+    reads: set[str] = set()
+    for body in _subgraphs(node):
+        defined = {vi.name for vi in body.input} | {t.name for t in body.initializer}
+        for sub in body.node:
+            reads.update(i for i in sub.input if i and i not in defined)
+            reads.update(r for r in subgraph_reads(sub) if r not in defined)
+            defined.update(o for o in sub.output if o)
+    return reads
+
+
 def ancestors(view: ModelView, outputs: Sequence[str]) -> set[str]:
-    """Every tensor that `outputs` are computed from (themselves included)."""
+    """Every tensor that `outputs` are computed from (themselves included), through the outer-scope reads
+    of control-flow bodies too."""
     needed: set[str] = set()
     stack = list(outputs)
     while stack:
@@ -377,10 +517,7 @@ def ancestors(view: ModelView, outputs: Sequence[str]) -> set[str]:
         node = view.producer.get(t)
         if node is not None:
             stack.extend(i for i in node.input if i)
-            for attr in node.attribute:  # subgraphs (If/Loop) may read outer tensors
-                if attr.g is not None:
-                    for sub in attr.g.node:
-                        stack.extend(i for i in sub.input if i)
+            stack.extend(subgraph_reads(node))
     return needed
 
 
@@ -396,3 +533,11 @@ def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
     inputs = [i for i in model.graph.input if i.name in needed]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model's graph with large weights replaced by typed inputs, unknown dims written as -1 made dynamic:
+    cheap to copy and to shape-infer."""
+    skeleton = _skeleton(model)
+    _unknown_dims_dynamic(skeleton.graph)
+    return skeleton

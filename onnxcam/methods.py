@@ -36,11 +36,23 @@ def _register(name: str, kind: str, weighting=None, **kw) -> None:
     METHODS[name] = Method(name, kind, weighting, **kw)
 
 
+def _squash(name: str) -> str:
+    return "".join(ch for ch in str(name).lower() if ch not in "-_ ")
+
+
 def get_method(name: str) -> Method:
-    try:
+    """A method by name, spelled any way users write it: "GradCAM", "grad_cam", "Guided-Backprop" ..."""
+    if name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise OnnxcamError(f"unknown method '{name}'; available: {', '.join(METHODS)}") from None
+    matches = [m for key, m in METHODS.items() if _squash(key) == _squash(name)]
+    if matches:
+        return matches[0]
+    import difflib
+
+    close = difflib.get_close_matches(_squash(name), [_squash(k) for k in METHODS], n=3, cutoff=0.6)
+    names = [k for c in close for k in METHODS if _squash(k) == c]
+    hint = f" (did you mean {' or '.join(names)}?)" if names else ""
+    raise OnnxcamError(f"unknown method '{name}'{hint}; available: {', '.join(METHODS)}")
 
 
 def _spatial(rank: int) -> list[int]:

@@ -9,6 +9,7 @@ Formulas follow pytorch-grad-cam's ScoreCAM and AblationCAM.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import methods
+from .errors import OnnxcamError
 from .graph import Emitter, ModelView, prune
 
 IMAGE = "onnxcam_image"
@@ -116,12 +118,36 @@ def ablation_graph(model: onnx.ModelProto, layer: str, score: str, channels_last
 def _run_batches(total: int, batch_size: int, run: Callable[[int, int], np.ndarray],
                  progress: Progress | None) -> np.ndarray:
     parts = []
-    for start in range(0, total, batch_size):
+    start = 0
+    while start < total:
         stop = min(total, start + batch_size)
-        parts.append(run(start, stop))
+        if start == 0 and stop > 1:
+            first = _batch_if_like_singles(run, stop)
+            if first is None:  # the graph mixes samples (a batch of 1 hard-coded somewhere): one at a time
+                batch_size = stop = 1
+                first = run(0, 1)
+            parts.append(first)
+        else:
+            parts.append(run(start, stop))
         if progress is not None:
             progress(stop - start)
+        start = stop
     return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
+def _batch_if_like_singles(run: Callable[[int, int], np.ndarray], stop: int) -> np.ndarray | None:
+    """run(0, stop) if the batched run gives each item the score it gets alone, else None. Graphs exported for
+    one sample (a Reshape to [1, ...], static input dims) either refuse a batch or silently fold it into other
+    axes; comparing the first two items with runs of their own costs two extra passes and catches both."""
+    try:
+        batched = run(0, stop)
+    except Exception:
+        return None
+    if np.shape(batched)[:1] != (stop,):
+        return None
+    singles = np.concatenate([np.asarray(run(i, i + 1), np.float64) for i in range(2)])
+    scale = max(float(np.abs(singles).max()), 1.0)
+    return batched if bool(np.all(np.abs(np.asarray(batched[:2], np.float64) - singles) <= 1e-3 * scale)) else None
 
 
 def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: int, channels: np.ndarray,
@@ -164,5 +190,13 @@ def ablation_weights(session, acts: np.ndarray, original: float, target: int, ch
 
     scores = _run_batches(len(channels), batch_size, run, progress)
     weights = np.zeros(acts.shape[0], np.float64)
+    if not np.isfinite(original) or not np.isfinite(scores).all():
+        raise OnnxcamError(f"Ablation-CAM: the model's score for class {target} is NaN or Inf "
+                           f"{'with a channel ablated' if np.isfinite(original) else ''}".rstrip())
+    if original == 0:
+        # The relative drop is undefined; every channel gets weight 0 (an empty map) rather than NaN.
+        warnings.warn(f"Ablation-CAM: the score of class {target} is exactly 0, so relative drops are undefined; "
+                      f"the map is empty", RuntimeWarning, stacklevel=2)
+        return weights.astype(np.float32)
     weights[channels] = (original - scores) / original
     return weights.astype(np.float32)

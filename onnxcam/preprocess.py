@@ -56,6 +56,7 @@ __all__ = [
     "LABELS_KEY",
     "PREPROCESS_KEY",
     "load_image",
+    "load_image_sized",
     "model_metadata",
     "resolve_preprocess",
     "to_tensor",
@@ -66,6 +67,14 @@ LABELS_KEY = "onnxcam.labels"
 PREPROCESS_KEY = "onnxcam.preprocess"
 
 _LAYOUTS = ("NCHW", "NHWC")
+# Limits on what a (possibly hostile) image or model may make onnxcam allocate. An image is refused above
+# PIL's own decompression-bomb warning threshold (~89 Mpx, 268 MB as RGB); a model input above 16384 per side
+# or 8192x8192 pixels in all (800 MB as float32 RGB, before the gradients) is refused as a size.
+_FLOAT32_LIMIT = 1e38
+MAX_IMAGE_BYTES = 512 * 2 ** 20
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_INPUT_SIDE = 16384
+MAX_INPUT_PIXELS = 8192 * 8192
 _CHANNEL_ORDERS = ("RGB", "BGR")
 _RESIZES = ("squash",)
 
@@ -99,10 +108,15 @@ class Preprocess:
             )
         if not all(math.isfinite(m) for m in self.mean):
             raise OnnxcamError(f"mean values must be finite numbers; got {list(self.mean)}")
-        if not all(math.isfinite(s) and s != 0 for s in self.std):
-            raise OnnxcamError(f"std values must be finite and non-zero; got {list(self.std)}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise OnnxcamError(f"std values must be finite and positive; got {list(self.std)}")
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise OnnxcamError(f"pixel scale must be a positive number; got {self.scale}")
+        # The largest |value| a pixel can become must fit float32, or the model sees inf (and NaN scores).
+        reach = (255.0 * self.scale + max(abs(m) for m in self.mean)) / min(self.std)
+        if not reach < _FLOAT32_LIMIT:
+            raise OnnxcamError(f"preprocessing (scale {self.scale}, mean {list(self.mean)}, std {list(self.std)}) "
+                               f"maps pixels beyond the float32 range")
         if len(self.size) != 2 or not all(isinstance(v, int) and v > 0 for v in self.size):
             raise OnnxcamError(f"image size must be two positive integers (height, width); got {self.size}")
         if self.layout not in _LAYOUTS:
@@ -174,8 +188,16 @@ def load_image(path_or_pil: ImageSource) -> Image.Image:
         raise OnnxcamError(f"image not found: {path}")
     if path.is_dir():
         raise OnnxcamError(f"cannot read image {path}: it is a directory")
+    from .safeio import regular_file
+
+    # A FIFO blocks the open, /dev/zero never ends: regular files of a bounded size only.
+    regular_file(path, "image", MAX_IMAGE_BYTES)
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
+            # The header's size, before any pixel is decoded: a small file can announce gigapixels.
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise OnnxcamError(f"cannot read image {path}: {im.width}x{im.height} pixels is more than the "
+                                   f"limit of {MAX_IMAGE_PIXELS} pixels")
             im.load()
             try:
                 im = ImageOps.exif_transpose(im)
@@ -184,8 +206,22 @@ def load_image(path_or_pil: ImageSource) -> Image.Image:
             return _to_rgb(im)
     except PermissionError:
         raise OnnxcamError(f"cannot read image {path}: permission denied") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise OnnxcamError(f"cannot read image {path}: more than the limit of {MAX_IMAGE_PIXELS} pixels") from None
+    except MemoryError:
+        raise OnnxcamError(f"cannot read image {path}: out of memory decoding it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise OnnxcamError(f"cannot read image {path}: not a supported image") from None
+
+
+def _open_image(path) -> Image.Image:
+    import warnings
+
+    # PIL warns (on stderr, several lines) about images over its threshold; the pixel limit in load_image
+    # refuses them in one line instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -209,6 +245,84 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return out
 
 
+# Image.reduce() box-averages these modes correctly (LA/RGBA premultiplied); palette, bilevel and 16-bit
+# images are converted first, or their indices/codes would be averaged.
+_REDUCIBLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "YCbCr")
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def load_image_sized(
+    source: Union[str, "os.PathLike[str]", bytes, Any],
+    min_size: tuple[int, int] | None = None,
+    *,
+    max_pixels: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Decode an image like :func:`load_image`, without keeping more pixels than a caller needs.
+
+    ``source`` is a path, the encoded bytes or a binary file object. ``min_size`` is the smallest
+    ``(width, height)`` the caller will use, after EXIF rotation. An image at least twice that large in
+    both axes comes back reduced by an integer factor, but still at least twice ``min_size``, so that a
+    later bilinear resize sees almost the same picture: JPEG is decoded reduced (DCT scaling, 1/2 to 1/8),
+    other formats are box-reduced right after decoding and the full-size pixels are released before this
+    returns. Other images come back exactly as :func:`load_image` returns them.
+
+    ``max_pixels`` refuses images whose header announces more pixels, before any is decoded.
+    ``formats`` restricts the decoders tried, as in :func:`PIL.Image.open`.
+    """
+    name = f"image {os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else "the image"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        import io
+
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        raise OnnxcamError(f"image not found: {os.fspath(source)}")
+    try:
+        with Image.open(source, formats=formats) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise OnnxcamError(f"image of {im.width}x{im.height} pixels is larger than "
+                                   f"{max_pixels} pixels")
+            if min_size is not None and im.format == "JPEG":
+                side = 2 * max(min_size)  # the orientation is not known yet: enough either way round
+                im.draft(im.mode, (side, side))
+            im.load()
+            try:
+                orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+            except Exception:  # malformed EXIF: keep the pixels as stored
+                orientation = 1
+            factor = 1
+            if min_size is not None:
+                need_w, need_h = min_size if orientation < 5 else min_size[::-1]
+                factor = min(im.width // (2 * need_w), im.height // (2 * need_h))
+            if factor < 2:
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:
+                    pass
+                return _to_rgb(im)
+            full = im
+            if full.mode.startswith("I;16"):
+                full = full.convert("I")
+            elif full.mode not in _REDUCIBLE:
+                full = _to_rgb(full)
+            small = full.reduce(factor)
+            del full  # with `im` closed below, the full-size pixels are gone before the conversions
+    except OnnxcamError:
+        raise
+    except PermissionError:
+        raise OnnxcamError(f"cannot read {name}: permission denied") from None
+    except MemoryError:
+        raise OnnxcamError(f"cannot read {name}: out of memory decoding it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise OnnxcamError(f"cannot read {name}: not a supported image") from None
+    if orientation in _TRANSPOSE:
+        small = small.transpose(_TRANSPOSE[orientation])
+    return _to_rgb(small)
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -221,6 +335,9 @@ def model_metadata(model: Any) -> dict[str, Any]:
     if isinstance(model, (str, os.PathLike)):
         import onnx
 
+        from .safeio import MAX_MODEL_BYTES, regular_file
+
+        regular_file(model, "model", MAX_MODEL_BYTES)  # a FIFO would block the load forever
         try:
             model = onnx.load(os.fspath(model), load_external_data=False)
         except FileNotFoundError:
@@ -243,11 +360,37 @@ def model_metadata(model: Any) -> dict[str, Any]:
     return {"labels": labels, "preprocess": preprocess}
 
 
+MAX_METADATA_CHARS = 16 * 2 ** 20
+MAX_METADATA_DEPTH = 32
+
+
 def _parse_json(text: str, key: str) -> Any:
+    if len(text) > MAX_METADATA_CHARS:
+        raise OnnxcamError(f"model metadata '{key}' is too long ({len(text)} characters)")
     try:
-        return json.loads(text)
+        value = json.loads(text)
+    except RecursionError:
+        raise OnnxcamError(f"model metadata '{key}' is nested too deeply") from None
     except (ValueError, TypeError) as exc:
         raise OnnxcamError(f"model metadata '{key}' is not valid JSON ({exc})") from None
+    # onnxcam's keys are a flat list or object; deep nesting that json accepted would still overflow the
+    # stack later (json.dumps of a label, repr in a message).
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise OnnxcamError(f"model metadata '{key}' is nested too deeply")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d > MAX_METADATA_DEPTH:
+                return d
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 # --------------------------------------------------------------------------- resolution
@@ -341,6 +484,9 @@ def resolve_preprocess(
                 hw = cand
         if hw is None:
             raise OnnxcamError("model input has dynamic height/width; pass --size")
+    if max(hw) > MAX_INPUT_SIDE or hw[0] * hw[1] > MAX_INPUT_PIXELS:
+        raise OnnxcamError(f"input size {hw[0]}x{hw[1]} is too large (at most {MAX_INPUT_SIDE} per side and "
+                           f"{MAX_INPUT_PIXELS} pixels)")
 
     # ---- normalisation
     if preset is not None:
@@ -452,7 +598,7 @@ def _parse_size(size: Any) -> tuple[int, int]:
     try:
         ints = [int(v) for v in vals]
         ok = len(ints) == 2 and all(i > 0 and float(v) == i for i, v in zip(ints, vals))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 parses to inf
         ok = False
     if not ok:
         raise OnnxcamError(f"size must be two positive integers HEIGHT WIDTH; got {size!r}")
@@ -503,6 +649,9 @@ def labels_from_file(path: str | os.PathLike[str]) -> list[str]:
         raise OnnxcamError(f"labels file not found: {p}")
     if p.is_dir():
         raise OnnxcamError(f"cannot read labels file {p}: it is a directory")
+    from .safeio import regular_file
+
+    regular_file(p, "labels file", MAX_METADATA_CHARS * 4)
     try:
         text = p.read_text(encoding="utf-8-sig")
     except PermissionError:
@@ -517,6 +666,8 @@ def labels_from_file(path: str | os.PathLike[str]) -> list[str]:
     if stripped[0] in "[{":
         try:
             value = json.loads(stripped)
+        except RecursionError:
+            raise OnnxcamError(f"labels file {p} is nested too deeply") from None
         except ValueError as exc:
             raise OnnxcamError(f"labels file {p} looks like JSON but does not parse ({exc})") from None
         if isinstance(value, list):

@@ -60,17 +60,26 @@ def _heatmap_array(heatmap: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(h, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
-def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5) -> Image.Image:
+def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, max_side: int | None = None) -> Image.Image:
     """Blend the jet-coloured ``heatmap`` (HxW, values in [0, 1]) over ``image``.
 
     The heat map is resized bilinearly to the image's own size (it was
     computed on the image squashed to the model's input size, so stretching
     it back is exact). ``alpha`` is the weight of the colours: 0 gives the
-    photo, 1 the colour map. Returns a new RGB image of ``image.size``.
+    photo, 1 the colour map. Returns a new RGB image of ``image.size``, or,
+    with ``max_side``, of ``image`` shrunk (keeping its aspect ratio) so that
+    its longest side is at most ``max_side``.
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise OnnxcamError(f"overlay alpha must be between 0 and 1; got {alpha}")
+    if max_side is not None and max_side < 1:
+        raise OnnxcamError(f"overlay max_side must be positive; got {max_side}")
     h = _heatmap_array(heatmap)
+    if max_side is not None and max(image.size) > max_side:
+        # the blend below holds ~40 bytes per pixel in float arrays: a 6000x6000 photo would take 1.5 GB
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.BILINEAR, reducing_gap=2.0)
     rgb = image.convert("RGB") if image.mode != "RGB" else image
     w_img, h_img = rgb.size
     if h.shape != (h_img, w_img):
@@ -196,9 +205,12 @@ def _safe(text: str, font) -> str:
         return text.encode("latin-1", "replace").decode("latin-1")
 
 
+# Overlay formats, by file extension.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
-    """Write ``image`` to ``path`` as PNG (JPEG if the name ends in .jpg or
-    .jpeg). The file is written to a temporary name first and moved into
+    """Write ``image`` to ``path`` as PNG (JPEG or WebP if the name ends in .jpg, .jpeg or .webp). The file is written to a temporary name first and moved into
     place, so a failure never leaves a half-written file. File-system
     problems raise :class:`OnnxcamError` with a one-line message."""
     p = Path(path)
@@ -209,13 +221,13 @@ def save_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
         raise OnnxcamError(f"cannot write {p}: directory {parent} does not exist")
     if not parent.is_dir():
         raise OnnxcamError(f"cannot write {p}: {parent} is not a directory")
-    fmt = "JPEG" if p.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    img = image.convert("RGB") if fmt == "JPEG" and image.mode != "RGB" else image
+    fmt = IMAGE_FORMATS.get(p.suffix.lower(), "PNG")
+    img = image.convert("RGB") if fmt in ("JPEG", "WEBP") and image.mode != "RGB" else image
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + p.name + ".", suffix=".tmp", dir=parent)
         with os.fdopen(fd, "wb") as fh:
-            if fmt == "JPEG":
+            if fmt in ("JPEG", "WEBP"):
                 img.save(fh, format=fmt, quality=95)
             else:
                 img.save(fh, format=fmt)

@@ -50,7 +50,7 @@ def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
     strict = strict and wanted != CPU
     try:
         with _captured_output(strict) as log:
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=resolved)
+            session = inference_session(model, options, resolved)
     except OnnxcamError:
         raise
     except Exception as exc:
@@ -60,6 +60,104 @@ def make_session(model: onnx.ModelProto, providers: Sequence | None = None,
         raise OnnxcamError(f"{wanted} was requested but onnxruntime could not start it"
                            f"{': ' + reason if reason else ''} (--device auto falls back to the CPU)")
     return session
+
+
+def inference_session(model: onnx.ModelProto, options: ort.SessionOptions | None, providers: list):
+    """An InferenceSession for `model` whose large weights may still be on disk (sealed by onnxcam.safeio).
+
+    Those never pass through the serialised proto (protobuf cannot hold more than 2 GB, and serialising
+    copies every weight once more): the proto handed over keeps them as external data, relative to a folder
+    given to onnxruntime in the session options, and onnxruntime memory-maps them itself. (OrtValues given
+    with add_external_initializers were copied into onnxruntime's own memory: twice the weights at peak.)
+    Only locations onnxcam checked and sealed get there; any other external reference is refused, since
+    onnxruntime would resolve it against that folder or the working directory."""
+    from . import safeio
+
+    sealed, stray = [], []
+    for t, top in safeio.model_tensors(model):
+        if safeio.is_external(t):
+            loc = safeio.sealed_location(t)
+            (sealed if loc is not None and top else stray).append(t.name)
+    if stray:
+        raise OnnxcamError(f"tensor '{stray[0]}' refers to external data onnxcam did not check")
+    keep = None
+    if sealed and not _EXTERNAL_FOLDER_OPTION:
+        # Before onnxruntime 1.21 a model from memory has no folder for its external data: hand the weights
+        # over as memory-mapped OrtValues (onnxruntime copies them: twice the weights at peak, but it loads).
+        options = _copy_options(options)
+        keep = [safeio.sealed_array(t) for t in model.graph.initializer if t.name in sealed]
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in keep]
+        options.add_external_initializers([t.name for t in model.graph.initializer if t.name in sealed], values)
+        keep = (keep, values)
+    elif sealed:
+        located = {t.name: safeio.sealed_location(t) for t in model.graph.initializer if t.name in sealed}
+        folder = os.path.commonpath([os.path.dirname(loc[0]) for loc in located.values()])
+        handed = onnx.ModelProto()
+        handed.CopyFrom(model)  # cheap: the large weights are references, not bytes
+        for t in handed.graph.initializer:
+            if t.name in located:
+                path, offset, length = located[t.name]
+                del t.external_data[:]
+                for k, v in (("location", os.path.relpath(path, folder)), ("offset", str(offset)),
+                             ("length", str(length))):
+                    t.external_data.add(key=k, value=v)
+        model = handed
+        options = _copy_options(options)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        # Prepacking copies each constant MatMul/Gemm weight into a blocked layout, once per use: the forward
+        # Gemm and its gradient both pack the same weight. With weights this large that doubles or triples
+        # the peak memory for a few percent of speed.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    try:
+        data = model.SerializeToString()
+    except ValueError as exc:  # protobuf's 2 GB limit, on weights stored in the proto itself
+        raise OnnxcamError(f"the model is too large to hand to onnxruntime in one piece ({first_line(exc)}); "
+                           f"store its weights as external data") from None
+    session = ort.InferenceSession(data, options, providers=providers)
+    if keep is not None:
+        session._onnxcam_weights = keep  # external initializers must outlive the session
+    return session
+
+
+# session.model_external_initializers_file_folder_path: onnxruntime PR #23557, first released in 1.21.
+_EXTERNAL_FOLDER_OPTION = tuple(int(p) for p in re.findall(r"\d+", ort.__version__)[:2]) >= (1, 21)
+
+
+_OPTION_FIELDS = ("graph_optimization_level", "intra_op_num_threads", "inter_op_num_threads", "execution_mode",
+                  "execution_order", "enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse",
+                  "enable_profiling", "profile_file_prefix", "log_severity_level", "log_verbosity_level",
+                  "logid", "optimized_model_filepath", "use_deterministic_compute")
+
+
+def _copy_options(options: ort.SessionOptions | None) -> ort.SessionOptions:
+    """A fresh SessionOptions with the caller's settings: external initializers are added to the options object,
+    which the caller may reuse for other sessions (and whose config entries cannot be listed, so only the
+    documented fields carry over)."""
+    out = ort.SessionOptions()
+    if options is None:
+        out.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return out
+    for name in _OPTION_FIELDS:
+        try:
+            setattr(out, name, getattr(options, name))
+        except (AttributeError, TypeError):
+            pass
+    return out
+
+
+def require_finite(arr, what: str) -> None:
+    """An OnnxcamError naming the first sample where `arr` (batch first) holds NaN or Inf: a silent NaN heatmap
+    (and an argmax of 0 over NaN scores) would pass for an explanation."""
+    a = np.asarray(arr)
+    if a.dtype.kind not in "fc" or a.size == 0:
+        return
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = ~finite.reshape(a.shape[0], -1).all(axis=1) if a.ndim else np.array([True])
+    sample = int(np.flatnonzero(bad)[0])
+    kind = "NaN" if np.isnan(a).any() else "Inf"
+    raise OnnxcamError(f"{what} holds {kind} values (sample {sample})")
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
@@ -222,16 +320,17 @@ def node_placement(session_or_model, providers: Sequence | None = None, feeds: d
         options.graph_optimization_level = model.get_session_options().graph_optimization_level
         providers = providers if providers is not None else model.get_providers()
         model = src
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif not isinstance(model, (bytes, str, os.PathLike)):
+    if isinstance(model, (bytes, str, os.PathLike)) and not isinstance(model, onnx.ModelProto):
+        from .graph import load_model
+
+        model = load_model(model)  # the same checks (external data, DAG) as every other entry point
+    elif not isinstance(model, onnx.ModelProto):
         raise OnnxcamError(f"node_placement takes a model, a session or an Explainer, not {type(model).__name__}")
     with tempfile.TemporaryDirectory(prefix="onnxcam-placement-") as tmp:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(tmp, "placement")
         try:
-            session = ort.InferenceSession(os.fspath(model) if not isinstance(model, bytes) else model, options,
-                                           providers=resolve_providers(providers))
+            session = inference_session(model, options, resolve_providers(providers))
         except OnnxcamError:
             raise
         except Exception as exc:

@@ -5,27 +5,34 @@ Protocols (FastAPI/Starlette on uvicorn):
 * KServe V1: `POST /v1/models/{name}:predict` and `:explain` take `{"instances": [...]}`; an instance is a
   base64 PNG/JPEG string (or `{"b64": ...}`), preprocessed with the model's preprocessing, or a nested
   array already in the model's input shape without the batch dimension (or `{"data": ...}`). Optional
-  `"target"` (class index or label) and `"overlay": true`, per request or per object instance.
+  `"target"` (class index or label) and `"overlay": true`, per request or per object instance; per request,
+  `"method"` (one of the server's methods, `GET /ui/info`) and `"counterfactual": true` (:explain).
   `GET /v1/models/{name}` says whether the model is ready.
 * Open Inference Protocol (v2): `GET /v2/health/live|ready`, `GET /v2/models/{name}` (metadata),
   `POST /v2/models/{name}/infer` with the image tensor and an optional INT64 `target` (-1 = argmax),
   answering `scores`, `heatmap` and `class` tensors.
 * `GET /metrics`: Prometheus text format.
+* `GET /`: a page to explore the model in a browser (onnxcam/ui: plain HTML/CSS/JS, nothing fetched from
+  elsewhere), using the V1 endpoints and `GET /ui/info` (labels, methods, limits).
 
 Samples of concurrent requests are gathered into micro-batches (`Batcher`) and explained by one
 `Explainer.explain` call in a worker thread. Errors are JSON `{"error": "..."}`: 400 bad input, 404 unknown
-model, 413 body too large, 503 queue full. FastAPI, uvicorn and prometheus-client are imported only when a
-server is built: `pip install 'onnxcam[serve]'`.
+model, 408 request not received in time, 413 body or decoded pixels too large, 503 queue or pixel budget
+full. The limits on hostile input are in `Limits` (docs/serving.md, "Security"). FastAPI, uvicorn and
+prometheus-client are imported only when a server is built: `pip install 'onnxcam[serve]'`.
 """
 import asyncio
 import base64
 import binascii
 import contextlib
+import difflib
+import importlib.resources
 import io
 import json
 import math
 import os
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,14 +41,14 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from . import methods as methods_registry
 from . import preprocess, render
 from .errors import OnnxcamError
 from .explainer import Explainer
 
 INSTALL_HINT = "onnxcam serve needs FastAPI, uvicorn and prometheus-client: pip install 'onnxcam[serve]'"
-MAX_IMAGE_PIXELS = 40_000_000  # decoded image size limit, far below PIL's decompression-bomb threshold
 CODEC_THREADS = 4  # threads decoding requests and encoding responses
 HEATMAP_DECIMALS = 4  # V1 explanations round heatmaps (display use); v2 returns them exactly
 TARGET = "target"
@@ -52,16 +59,87 @@ _V2_TYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtyp
 
 
 class ApiError(Exception):
-    """A request the server refuses: HTTP status + one-line message, sent as {"error": message}."""
+    """A request the server refuses: HTTP status + one-line message, sent as {"error": message}. `close`: the
+    body was not read to its end, so the connection is closed after the answer (else the client could keep
+    it busy sending the rest)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 class QueueFull(Exception):
     """The batch queue has no room: answered with 503."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may make the server decode and hold; see docs/serving.md, "Security".
+
+    A base64 image costs about 4 bytes per pixel once decoded (PIL keeps RGB as RGBX), but a PNG of one colour
+    compresses ~1000:1, so the body size limit alone does not bound memory: these count decoded pixels,
+    read from the image headers before anything is decoded."""
+
+    image_pixels: int = 40_000_000  # one image (--max-image-mp)
+    request_pixels: int = 100_000_000  # all images of one request together (--max-request-mp): decode time
+    inflight_pixels: int = 100_000_000  # all requests together (--max-inflight-mp): memory
+    overlay_side: int = 1024  # longest side of an overlay PNG (--max-overlay-side)
+    body_timeout: float = 60.0  # seconds to receive a whole body (--body-timeout)
+
+    def __post_init__(self):
+        if min(self.image_pixels, self.request_pixels, self.inflight_pixels, self.overlay_side) < 1:
+            raise OnnxcamError("the pixel limits and the overlay size must be positive")
+        if not self.body_timeout > 0:
+            raise OnnxcamError("the body timeout must be positive")
+        if self.image_pixels > self.inflight_pixels:  # else an image allowed alone could never be decoded
+            raise OnnxcamError("the in-flight pixel budget (--max-inflight-mp) must be at least the per-image "
+                               "limit (--max-image-mp)")
+
+
+class PixelBudget:
+    """Decoded pixels held by all requests together (codec threads take and give concurrently). A take that
+    does not fit fails at once rather than waiting: the request is answered 503 and the client may retry,
+    while the pixels already held are bounded by the limit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class Held:
+    """The pixels one request holds in a PixelBudget; all given back when the request ends, however it ends."""
+
+    def __init__(self, budget: PixelBudget | None):
+        self.budget, self.pixels = budget, 0
+
+    def take(self, n: int, where: str) -> None:
+        if self.budget is None:
+            return
+        if not self.budget.take(n):
+            raise QueueFull(f"server busy: {where} needs {n / 1e6:.1f} Mpx decoded, {self.budget.used / 1e6:.1f} "
+                            f"of {self.budget.limit / 1e6:.1f} Mpx are in use (--max-inflight-mp)")
+        self.pixels += n
+
+    def give(self, n: int) -> None:
+        if self.budget is not None and n > 0:
+            self.budget.give(n)
+            self.pixels -= n
+
+    def release(self) -> None:
+        self.give(self.pixels)
 
 
 # --------------------------------------------------------------------------- batching
@@ -70,6 +148,8 @@ class QueueFull(Exception):
 class Sample:
     x: np.ndarray  # one input, without the batch dimension, in the model's dtype
     target: int | None = None  # None: the top-scoring class
+    method: str | None = None  # None: the server's own method (MethodSet)
+    counterfactual: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,17 +273,78 @@ class Batcher:
             self._free.release()
 
 
-def explain_batch(explainer: Explainer, samples: Sequence[Sample], one_by_one: bool = False) -> list:
-    """One `explain` call per group of samples with the same shape and the same kind of target (argmax or
-    given); returns an Output or an ApiError per sample. A failing group is retried sample by sample so
-    that one bad sample fails alone."""
+class MethodSet:
+    """The methods a server explains with: its own Explainer's, plus `others` (CAM methods a request may ask
+    for by name), each built on first use from the same model, layer and providers, and kept: at most one
+    session per method. Perturbation methods are never offered unless named: Score-CAM runs one forward per
+    channel, which would let any request occupy the server for minutes."""
+
+    DEFAULT_OTHERS = tuple(name for name, m in methods_registry.METHODS.items() if m.kind in ("gradient", "eigen"))
+
+    def __init__(self, explainer: Explainer, others: Sequence[str] | None = None):
+        self.default = explainer
+        others = self.DEFAULT_OTHERS if others is None else tuple(others)
+        for name in others:
+            methods_registry.get_method(name)  # an unknown name is the operator's error: say so at start
+        self.names = tuple(dict.fromkeys((explainer.method, *others)))
+        self._built: dict[str, Explainer | OnnxcamError] = {explainer.method: explainer}
+        self._lock = threading.Lock()
+
+    def info(self) -> list[dict]:
+        return [{"name": n, "gradients": methods_registry.METHODS[n].needs_gradients,
+                 "default": n == self.default.method, "help": methods_registry.METHODS[n].help} for n in self.names]
+
+    def check(self, name: Any, where: str) -> str | None:
+        if name is None or name == self.default.method:
+            return None
+        if not isinstance(name, str) or name not in self.names:
+            raise ApiError(400, f"{where}: {json.dumps(name)[:40]} is not a method this server runs; it runs "
+                                f"{', '.join(self.names)}")
+        return name
+
+    def get(self, name: str | None) -> Explainer:
+        if name is None:
+            return self.default
+        with self._lock:  # a build takes seconds; concurrent first requests for one method build it once
+            if name not in self._built:
+                try:
+                    self._built[name] = self._build(name)
+                except OnnxcamError as exc:  # kept: a failing build is not retried on every request
+                    self._built[name] = exc
+            built = self._built[name]
+        if isinstance(built, OnnxcamError):
+            raise built
+        return built
+
+    def _build(self, name: str) -> Explainer:
+        d = self.default
+        built = Explainer(d.source_model, layer=list(d.layers), method=name, providers=d.providers,
+                          session_options=d.session_options, layout=d.layout, batch_size=d.batch_size,
+                          batch_axis=d.batching.axis)
+        if (built.score, built.layers, built.image_input) != (d.score, d.layers, d.image_input):
+            # an Explainer made with output= cannot be rebuilt from what it keeps
+            raise OnnxcamError(f"method '{name}' would explain another output than the server's; use {d.method}")
+        return built
+
+
+def explain_batch(explainer: Explainer | MethodSet, samples: Sequence[Sample], one_by_one: bool = False) -> list:
+    """One `explain` call per group of samples with the same shape, the same kind of target (argmax or
+    given), method and counterfactual flag; returns an Output or an ApiError per sample. A failing group is
+    retried sample by sample so that one bad sample fails alone."""
+    method_set = explainer if isinstance(explainer, MethodSet) else MethodSet(explainer, ())
     results: list = [None] * len(samples)
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(samples):
-        groups.setdefault((s.x.shape, s.target is None), []).append(i)
-    for idx in groups.values():
+        groups.setdefault((s.x.shape, s.target is None, s.method, s.counterfactual), []).append(i)
+    for (_, _, method, _), idx in groups.items():
+        try:
+            chosen = method_set.get(method)
+        except OnnxcamError as exc:
+            for i in idx:
+                results[i] = ApiError(400, f"method {method}: {exc}")
+            continue
         for chunk in ([[i] for i in idx] if one_by_one else [idx]):
-            _explain_group(explainer, samples, chunk, results)
+            _explain_group(chosen, samples, chunk, results)
     return results
 
 
@@ -211,7 +352,7 @@ def _explain_group(explainer: Explainer, samples: Sequence[Sample], idx: list[in
     x = np.stack([samples[i].x for i in idx])
     targets = None if samples[idx[0]].target is None else [samples[i].target for i in idx]
     try:
-        r = explainer.explain(x, targets)
+        r = explainer.explain(x, targets, counterfactual=samples[idx[0]].counterfactual)
     except OnnxcamError as exc:
         if len(idx) > 1:
             for i in idx:
@@ -220,7 +361,14 @@ def _explain_group(explainer: Explainer, samples: Sequence[Sample], idx: list[in
             results[idx[0]] = ApiError(400, str(exc))
         return
     for j, i in enumerate(idx):
-        results[i] = Output(scores=r.scores[j].ravel(), heatmap=r.heatmaps[j], target=int(r.targets[j]))
+        scores, heatmap = r.scores[j].ravel(), r.heatmaps[j]
+        if not (np.isfinite(scores).all() and np.isfinite(heatmap).all()):
+            # finite inputs far outside the model's range overflow inside it; an argmax over NaN scores
+            # would name class 0 with a NaN heatmap
+            results[i] = ApiError(400, "the model's output for this input is not finite (NaN or infinity): its "
+                                       "values are far outside what the model takes")
+        else:
+            results[i] = Output(scores=scores, heatmap=heatmap, target=int(r.targets[j]))
 
 
 # --------------------------------------------------------------------------- the model as the protocols see it
@@ -235,6 +383,7 @@ class ModelSpec:
     pp_error: str = ""
     labels: list[str] | None = None
     fixed_batch: bool = False  # the model's batch dim is a static 1
+    methods: "MethodSet | None" = None  # what a V1 :explain may ask for by "method"; None: the explainer's only
 
     @classmethod
     def of(cls, explainer: Explainer, name: str) -> "ModelSpec":
@@ -311,31 +460,68 @@ def parse_json(body: bytes) -> dict:
     return payload
 
 
-def decode_image(text: str, where: str) -> Image.Image:
-    """A base64 (optionally data-URL) PNG or JPEG -> RGB PIL image."""
+def b64_bytes(text: str, where: str) -> bytes:
+    """A base64 string (optionally a data URL or line-wrapped) -> bytes."""
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         try:  # line-wrapped base64 (e.g. from `base64` without -w0)
-            raw = base64.b64decode("".join(text.split()), validate=True)
+            return base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: not valid base64") from None
+
+
+_FORMATS = ("PNG", "JPEG")
+
+
+def image_size(raw: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from a PNG or JPEG header, without decoding pixels."""
     try:
-        with Image.open(io.BytesIO(raw), formats=("PNG", "JPEG")) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ApiError(400, f"{where}: image of {im.width}x{im.height} pixels is too large")
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # malformed EXIF: keep the pixels as stored
-                pass
-            return preprocess.load_image(im)
-    except ApiError:
-        raise
+        with Image.open(io.BytesIO(raw), formats=_FORMATS) as im:
+            return im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise ApiError(400, f"{where}: cannot decode the image (PNG or JPEG expected)") from None
+
+
+def overlay_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    w, h = size
+    scale = min(1.0, max_side / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def decode_image(raw: bytes, spec: "ModelSpec", where: str, limits: Limits, held: Held,
+                 overlay: bool) -> tuple[np.ndarray, Image.Image | None]:
+    """An encoded image -> (the model's input tensor, the picture for its overlay or None). The full-size
+    pixels are counted in `held` while they exist; only the overlay picture (at most
+    limits.overlay_side) stays counted until the request ends."""
+    if spec.pp is None:
+        raise ApiError(400, f"{where}: images cannot be preprocessed for this model ({spec.pp_error}); "
+                            f"send an array")
+    w, h = image_size(raw, where)
+    held.take(w * h, where)
+    keep = 0
+    try:
+        model_h, model_w = spec.pp.size
+        need = (model_w, model_h)
+        if overlay:  # the overlay's short side, square: the same need whichever way EXIF turns the image
+            side = min(overlay_size((w, h), limits.overlay_side))
+            need = (max(model_w, side), max(model_h, side))
+        try:
+            image = preprocess.load_image_sized(raw, need, max_pixels=limits.image_pixels, formats=_FORMATS)
+        except OnnxcamError:
+            raise ApiError(400, f"{where}: cannot decode the image (PNG or JPEG expected)") from None
+        x = spec.tensor_from_image(image, where)
+        picture = None
+        if overlay:
+            picture = image if max(image.size) <= limits.overlay_side else \
+                image.resize(overlay_size(image.size, limits.overlay_side), Image.BILINEAR)
+            keep = picture.width * picture.height
+        del image
+    finally:
+        held.give(w * h - keep)
+    return x, picture
 
 
 def parse_array(value: Any, spec: ModelSpec, where: str, shape: tuple | None = None) -> np.ndarray:
@@ -349,11 +535,22 @@ def parse_array(value: Any, spec: ModelSpec, where: str, shape: tuple | None = N
     want = spec.sample_shape if shape is None else shape
     if arr.ndim != len(want) or any(w is not None and g != w for g, w in zip(arr.shape, want)) or 0 in arr.shape:
         raise ApiError(400, f"{where}: array of shape {list(arr.shape)}; the model expects {_fmt(want)}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ApiError(400, f"{where}: the array has NaN or infinite values")
-    if spec.dtype.kind in "iu" and arr.dtype.kind == "f":
-        raise ApiError(400, f"{where}: the model takes {spec.dtype} values, got floats")
-    return np.ascontiguousarray(arr, dtype=spec.dtype)
+    if spec.dtype.kind in "iu":
+        if arr.dtype.kind == "f":
+            raise ApiError(400, f"{where}: the model takes {spec.dtype} values, got floats")
+        info = np.iinfo(spec.dtype)
+        if arr.min() < info.min or arr.max() > info.max:  # a cast would wrap around silently
+            raise ApiError(400, f"{where}: values outside the {spec.dtype} range {info.min}..{info.max}")
+        return np.ascontiguousarray(arr, dtype=spec.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.ascontiguousarray(arr, dtype=spec.dtype)
+    # checked after the cast: 1e39 is a finite float64 but an infinite float32
+    if not np.isfinite(x).all():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ApiError(400, f"{where}: the array has NaN or infinite values")
+        raise ApiError(400, f"{where}: values beyond the {spec.dtype} range (largest "
+                            f"{float(np.finfo(spec.dtype).max):.6g})")
+    return x
 
 
 def parse_target(value: Any, spec: ModelSpec, where: str) -> int | None:
@@ -361,9 +558,13 @@ def parse_target(value: Any, spec: ModelSpec, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, str):
-        matches = [i for i, name in enumerate(spec.labels or []) if name.lower() == value.lower()]
+        labels = spec.labels or []
+        matches = [i for i, name in enumerate(labels) if name == value] or \
+            [i for i, name in enumerate(labels) if name.lower() == value.lower()]
         if not matches:
-            raise ApiError(400, f"{where}: '{value}' matches no class label")
+            near = difflib.get_close_matches(value.lower(), [name.lower() for name in labels], n=3)
+            hint = "; did you mean " + ", ".join(f"'{n}'" for n in near) + "?" if near else ""
+            raise ApiError(400, f"{where}: '{value[:80]}' matches no class label{hint}")
         return matches[0]
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, f"{where}: a target is a class index or label, got {json.dumps(value)[:40]}")
@@ -387,21 +588,34 @@ def _flag(value: Any, where: str) -> bool:
 @dataclass
 class V1Request:
     samples: list[Sample] = field(default_factory=list)
-    images: list[Image.Image | None] = field(default_factory=list)  # decoded images, for overlays
+    images: list[Image.Image | None] = field(default_factory=list)  # overlay pictures, where wanted
     overlay: list[bool] = field(default_factory=list)
 
 
-def parse_v1(body: bytes, spec: ModelSpec) -> V1Request:
+def parse_v1(body: bytes, spec: ModelSpec, limits: Limits = Limits(), held: Held | None = None) -> V1Request:
+    held = Held(None) if held is None else held
     payload = parse_json(body)
-    unknown = set(payload) - {"instances", "target", "overlay"}
+    unknown = set(payload) - {"instances", "target", "overlay", "method", "counterfactual"}
     if unknown:
-        raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown))}; expected instances, target, overlay")
+        raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown))[:200]}; expected instances, target, "
+                            f"overlay, method, counterfactual")
+    if spec.methods is not None:
+        method = spec.methods.check(payload.get("method"), "method")
+    elif payload.get("method") not in (None, spec.explainer.method):
+        raise ApiError(400, f"method: this server runs {spec.explainer.method} only")
+    else:
+        method = None
+    counterfactual = _flag(payload.get("counterfactual", False), "counterfactual")
+    chosen = method or spec.explainer.method
+    if counterfactual and not methods_registry.get_method(chosen).needs_gradients:
+        # Explainer.explain would return the plain map labelled counterfactual (EigenCAM has no gradient to negate)
+        raise ApiError(400, f"counterfactual: counterfactual maps need gradients; method '{chosen}' uses none")
     instances = payload.get("instances")
     if not isinstance(instances, list) or not instances:
         raise ApiError(400, 'expected {"instances": [...]} with at least one instance')
     default_target = parse_target(payload.get("target"), spec, "target")
     default_overlay = _flag(payload.get("overlay", False), "overlay")
-    req = V1Request()
+    items = []
     for i, inst in enumerate(instances):
         where = f"instance {i}"
         target, overlay, value = default_target, default_overlay, inst
@@ -418,29 +632,51 @@ def parse_v1(body: bytes, spec: ModelSpec) -> V1Request:
             if "b64" in inst and not isinstance(value, str):
                 raise ApiError(400, f'{where}: "b64" must be a base64 string')
         if isinstance(value, str):
-            image = decode_image(value, where)
-            x = spec.tensor_from_image(image, where)
+            value = b64_bytes(value, where)
         elif isinstance(value, list):
-            image, x = None, parse_array(value, spec, where)
+            value = parse_array(value, spec, where)
         else:
             raise ApiError(400, f"{where}: expected a base64 image string or a nested array of shape "
                                 f"{_fmt(spec.sample_shape)}")
-        req.samples.append(Sample(x, target))
-        req.images.append(image)
+        items.append((where, value, target, overlay))
+    # Every image's size from its header before any is decoded: an over-budget request costs no decoding.
+    total = 0
+    for where, value, _, _ in items:
+        if isinstance(value, bytes):
+            w, h = image_size(value, where)
+            if w * h > limits.image_pixels:
+                raise ApiError(413, f"{where}: image of {w}x{h} pixels is larger than {limits.image_pixels / 1e6:g} "
+                                    f"Mpx (--max-image-mp)")
+            total += w * h
+    if total > limits.request_pixels:
+        raise ApiError(413, f"the request's images have {total / 1e6:.1f} Mpx in all; at most "
+                            f"{limits.request_pixels / 1e6:g} Mpx (--max-request-mp)")
+    req = V1Request()
+    for i, (where, value, target, overlay) in enumerate(items):
+        if isinstance(value, bytes):
+            x, picture = decode_image(value, spec, where, limits, held, overlay)
+            items[i] = None  # the encoded bytes are not needed any more
+        else:
+            x, picture = value, None
+        req.samples.append(Sample(x, target, method, counterfactual))
+        req.images.append(picture)
         req.overlay.append(overlay)
     return req
 
 
-def v1_response(kind: str, req: V1Request, outputs: Sequence[Output], spec: ModelSpec) -> bytes:
+def v1_response(kind: str, req: V1Request, outputs: Sequence[Output], spec: ModelSpec,
+                limits: Limits = Limits()) -> bytes:
     if kind == "predict":
         return _json_list("predictions", [_prediction(o, spec) for o in outputs])
     explanations = []
     for o, image, overlay, sample in zip(outputs, req.images, req.overlay, req.samples):
         probs = _softmax(o.scores)
         e = {"class": o.target, "label": spec.label(o.target), "score": float(o.scores[o.target]),
-             "probability": float(probs[o.target])}
+             "probability": float(probs[o.target]), "method": sample.method or spec.explainer.method,
+             "counterfactual": sample.counterfactual}
         if overlay:
-            picture = render.overlay(image if image is not None else spec.image_from_tensor(sample.x), o.heatmap)
+            picture = render.overlay(image if image is not None else spec.image_from_tensor(sample.x), o.heatmap,
+                                     max_side=limits.overlay_side)
             buf = io.BytesIO()
             picture.save(buf, format="PNG")
             e["overlay"] = base64.b64encode(buf.getvalue()).decode("ascii")
@@ -462,7 +698,7 @@ class V2Request:
     id: str | None = None
 
 
-def parse_v2(body: bytes, spec: ModelSpec) -> V2Request:
+def parse_v2(body: bytes, spec: ModelSpec, limits: Limits = Limits(), held: Held | None = None) -> V2Request:
     payload = parse_json(body)
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -581,7 +817,10 @@ def _fmt(shape: Sequence) -> str:
 
 def _json_with(obj: dict, **raw: str) -> str:
     """json.dumps(obj) plus members whose values are JSON text already."""
-    text = json.dumps(obj, separators=(",", ":"))[:-1]
+    try:
+        text = json.dumps(obj, separators=(",", ":"), allow_nan=False)[:-1]
+    except ValueError:
+        raise _non_finite() from None
     extra = ",".join(f"{json.dumps(k)}:{v}" for k, v in raw.items())
     return text + ("," if len(text) > 1 and extra else "") + extra + "}"
 
@@ -594,8 +833,14 @@ def _floats_json(a: np.ndarray) -> str:
     """A flat JSON array of float32 values; '%.9g' round-trips float32 exactly."""
     flat = np.asarray(a, np.float64).ravel()
     if not np.isfinite(flat).all():
-        return json.dumps(flat.tolist())  # NaN/Infinity tokens, as json.dumps writes them
+        raise _non_finite()
     return "[" + (",".join(["%.9g"] * flat.size) % tuple(flat.tolist())) + "]"
+
+
+def _non_finite() -> ApiError:
+    # The last guard: NaN/Infinity tokens are not JSON, and many clients reject the whole answer. Inputs and
+    # model outputs are checked before this, so reaching it is a bug; ApiError keeps it one JSON line (500).
+    return ApiError(500, "internal error: the response would contain NaN or infinite numbers")
 
 
 _ROUNDED: list = []  # _ROUNDED[0][i] = the JSON text of i / 10**HEATMAP_DECIMALS
@@ -686,21 +931,29 @@ class _MetricsMiddleware:
             self.metrics.observe_request(endpoint, scope["method"], status[0], time.perf_counter() - start)
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as Content-Length or the bytes received pass `limit`."""
+async def read_body(request, limit: int, timeout: float = 60.0) -> bytes:
+    """The request body, refused with 413 as soon as Content-Length or the bytes received pass `limit`, and
+    with 408 when it has not all arrived `timeout` seconds after the headers (a client trickling bytes)."""
     from starlette.requests import ClientDisconnect
 
     too_large = f"request body larger than {limit} bytes (--max-body-mb)"
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise ApiError(413, too_large)
-    chunks, size = [], 0
-    try:
+        raise ApiError(413, too_large, close=True)
+    chunks: list[bytes] = []
+
+    async def receive():
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, too_large)
+                raise ApiError(413, too_large, close=True)
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout:g} s (--body-timeout)", close=True) from None
     except ClientDisconnect:
         raise ApiError(499, "client closed the connection") from None
     return b"".join(chunks)
@@ -727,9 +980,13 @@ async def unless_disconnected(request, work: Awaitable):
 
 
 def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16, max_queue: int = 64,
-               max_body_bytes: int = 32 * 2**20, batch_wait_ms: float = 5.0, workers: int = 1, **explainer_kwargs):
+               max_body_bytes: int = 32 * 2**20, batch_wait_ms: float = 5.0, workers: int = 1,
+               limits: Limits | None = None, methods: Sequence[str] | None = None, **explainer_kwargs):
     """The FastAPI app serving one model. `explainer_or_model`: an Explainer (shared, thread-safe) or
-    anything Explainer() takes (path, bytes, ModelProto), built with `explainer_kwargs`."""
+    anything Explainer() takes (path, bytes, ModelProto), built with `explainer_kwargs`. `limits`: the
+    decoded-pixel budgets, overlay size and body timeout (default `Limits()`). `methods`: the other methods a
+    V1 :explain (and the page at `/`) may ask for (default: the gradient and Eigen CAM methods, built on first
+    use; `()`: the explainer's own only)."""
     _serving_modules()
     from fastapi import FastAPI, Request, Response
     from fastapi.exceptions import RequestValidationError
@@ -738,6 +995,8 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
 
     if max_body_bytes < 1:
         raise OnnxcamError("the body size limit must be positive")
+    limits = Limits() if limits is None else limits
+    pixels = PixelBudget(limits.inflight_pixels)
     if isinstance(explainer_or_model, Explainer):
         explainer = explainer_or_model
     else:
@@ -747,8 +1006,10 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
     spec = ModelSpec.of(explainer, name or "model")
     if spec.image_input == TARGET:
         raise OnnxcamError(f"the model's input is named '{TARGET}', which the v2 protocol uses for the class")
+    spec.methods = MethodSet(explainer, methods)
+    ui_files = {asset: (importlib.resources.files("onnxcam") / "ui" / asset).read_bytes() for asset in UI_ASSETS}
     one_by_one = spec.fixed_batch
-    batcher = Batcher(lambda samples: explain_batch(explainer, samples, one_by_one),
+    batcher = Batcher(lambda samples: explain_batch(spec.methods, samples, one_by_one),
                       max_batch=1 if one_by_one else max_batch, max_queue=max_queue,
                       wait_s=batch_wait_ms / 1000.0, workers=workers)
     # Decoding, preprocessing and JSON encoding hold the GIL mostly: a few threads keep them off the event
@@ -770,7 +1031,7 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
             codec.shutdown(wait=True)
 
     app = FastAPI(title="onnxcam", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.spec, app.state.batcher, app.state.metrics = spec, batcher, metrics
+    app.state.spec, app.state.batcher, app.state.metrics, app.state.pixels = spec, batcher, metrics, pixels
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     def error(status: int, message: str):
@@ -778,7 +1039,10 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        if exc.close:
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(QueueFull)
     async def queue_full(request, exc: QueueFull):
@@ -803,12 +1067,21 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
         return spec
 
     async def handle(request: Request, parse, encode):
-        body = await read_body(request, max_body_bytes)
+        body = await read_body(request, max_body_bytes, limits.body_timeout)
         loop = asyncio.get_running_loop()
-        parsed = await loop.run_in_executor(codec, parse, body, spec)
-        outputs = await unless_disconnected(request, batcher.submit(parsed.samples))
-        return Response(await loop.run_in_executor(codec, encode, parsed, outputs, spec),
-                        media_type="application/json")
+        held = Held(pixels)
+        parsing = loop.run_in_executor(codec, parse, body, spec, limits, held)
+        try:
+            parsed = await parsing
+            del body
+            outputs = await unless_disconnected(request, batcher.submit(parsed.samples))
+            return Response(await loop.run_in_executor(codec, encode, parsed, outputs, spec),
+                            media_type="application/json")
+        finally:
+            if parsing.done():
+                held.release()
+            else:  # cancelled while a codec thread still decodes: it gives back once it is done
+                parsing.add_done_callback(lambda _: held.release())
 
     @app.get("/v2/health/live")
     async def live():
@@ -849,12 +1122,34 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
     @app.post("/v1/models/{name}:predict")
     async def v1_predict(name: str, request: Request):
         model(name)
-        return await handle(request, parse_v1, lambda req, outs, s: v1_response("predict", req, outs, s))
+        return await handle(request, parse_v1, lambda req, outs, s: v1_response("predict", req, outs, s, limits))
 
     @app.post("/v1/models/{name}:explain")
     async def v1_explain(name: str, request: Request):
         model(name)
-        return await handle(request, parse_v1, lambda req, outs, s: v1_response("explain", req, outs, s))
+        return await handle(request, parse_v1, lambda req, outs, s: v1_response("explain", req, outs, s, limits))
+
+    def ui_asset(asset: str):
+        return Response(ui_files[asset], media_type=UI_ASSETS[asset], headers=UI_HEADERS)
+
+    @app.get("/")
+    async def ui_page():
+        return ui_asset("index.html")
+
+    @app.get("/ui/info")
+    async def ui_info():
+        # What the page needs to draw its controls; everything else it asks through the V1 endpoints.
+        return {"name": spec.name, "method": explainer.method, "methods": spec.methods.info(),
+                "layer": explainer.layer, "provider": explainer.provider, "labels": spec.labels,
+                "num_classes": explainer.num_classes, "images": spec.pp is not None, "images_error": spec.pp_error,
+                "input_size": list(spec.pp.size) if spec.pp is not None else None,
+                "max_body_bytes": max_body_bytes, "overlay_side": limits.overlay_side}
+
+    @app.get("/ui/{asset}")
+    async def ui_static(asset: str):
+        if asset not in UI_ASSETS or asset == "index.html":
+            raise ApiError(404, "not found")
+        return ui_asset(asset)
 
     @app.get("/metrics")
     async def prometheus():
@@ -864,14 +1159,114 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
     return app
 
 
+# The page at `/` (onnxcam/ui): plain files, no build step, nothing fetched from elsewhere -- the policy below
+# lets the browser load scripts, styles and data from this server only.
+UI_ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+             "style.css": "text/css; charset=utf-8"}
+UI_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                         "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; "
+                                         "form-action 'none'; frame-ancestors 'none'",
+              "x-content-type-options": "nosniff", "cache-control": "no-cache"}
+
+LINGER_S = 2.0  # how long a closing connection still reads (and drops) what the client sends
+
+
+class _LingeringTransport:
+    """A transport whose close() sends the pending answer and a FIN, then reads and drops what the client
+    still sends for up to LINGER_S before closing. Closing a socket with unread input makes the kernel send
+    RST, and a RST can destroy an answer the client has not read yet: the 408 or 413 told to a client that
+    is still sending its request."""
+
+    def __init__(self, transport, protocol):
+        self._transport, self._protocol, self._closing = transport, protocol, False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._protocol.discard_input = True
+        transport = self._transport
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.resume_reading()
+        transport.write_eof()
+        self._protocol.loop.call_later(LINGER_S, transport.close)
+
+
+def header_timeout_protocol(timeout: float):
+    """uvicorn's h11 protocol, plus a deadline for a request's head (request line and headers): `timeout`
+    seconds from the connection's opening, or from the first byte of a later request on it. uvicorn itself
+    times out only idle keep-alive connections (uvicorn#157), so a client trickling header bytes, or sending
+    none, would hold its connection for ever. Past the deadline the client gets 408 and the connection is
+    closed; the body has its own deadline in `read_body`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    text = json.dumps({"error": f"request headers not received within {timeout:g} s (--header-timeout)"}).encode()
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(text), text))
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport):
+            self._head_timer = None
+            self.discard_input = False
+            super().connection_made(_LingeringTransport(transport, self))
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            if self.discard_input:
+                return
+            super().data_received(data)
+            self._watch_head()
+
+        def connection_lost(self, exc):
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _watch_head(self) -> None:
+            # IDLE: no complete request head yet. Between requests the keep-alive timer runs instead, until
+            # the next request's first byte (data_received) arms this one.
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                if self._head_timer is None:
+                    self._head_timer = self.loop.call_later(timeout, self._head_timed_out)
+            else:
+                self._stop_head_timer()
+
+        def _stop_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.write(answer)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = None, max_batch: int = 16,
         max_queue: int = 64, workers: int = 1, max_body_mb: float = 32.0, batch_wait_ms: float = 5.0,
         layer=None, method: str = "gradcam", log_level: str = "info", graceful_timeout: float = 30.0,
-        device: str | None = None) -> None:
-    """Serves `model` until SIGTERM/SIGINT; in-flight requests finish first (up to `graceful_timeout` s)."""
+        device: str | None = None, limits: Limits | None = None, header_timeout: float = 10.0,
+        keep_alive_timeout: float = 5.0, max_connections: int = 256, methods: Sequence[str] | None = None) -> None:
+    """Serves `model` until SIGTERM/SIGINT; in-flight requests finish first (up to `graceful_timeout` s).
+    `header_timeout`: seconds for a request's headers to arrive (else 408); `keep_alive_timeout`: an idle
+    connection is closed after that long; `max_connections`: open connections (and running requests) beyond
+    which requests get 503."""
     _serving_modules()
     import uvicorn
 
+    if not (header_timeout > 0 and keep_alive_timeout > 0 and max_connections >= 1):
+        raise OnnxcamError("the timeouts must be positive and the connection limit at least 1")
     if isinstance(model, Explainer):
         explainer = model
     else:
@@ -881,10 +1276,14 @@ def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = Non
         if name is None and isinstance(model, (str, os.PathLike)):
             name = Path(model).stem
     app = create_app(explainer, name=name, max_batch=max_batch, max_queue=max_queue,
-                     max_body_bytes=int(max_body_mb * 2**20), batch_wait_ms=batch_wait_ms, workers=workers)
+                     max_body_bytes=int(max_body_mb * 2**20), batch_wait_ms=batch_wait_ms, workers=workers,
+                     limits=limits, methods=methods)
     spec = app.state.spec
     print(f"onnxcam: serving '{spec.name}' (layer {explainer.layer}, {explainer.method}, {explainer.provider}) on http://{host}:{port} "
           f"-- max batch {app.state.batcher.max_batch}, queue {max_queue}", file=sys.stderr, flush=True)
+    # uvicorn's limit_concurrency counts the connection asking too, hence the + 1
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, server_header=False)
+                            timeout_graceful_shutdown=graceful_timeout, server_header=False,
+                            http=header_timeout_protocol(header_timeout), timeout_keep_alive=keep_alive_timeout,
+                            limit_concurrency=max_connections + 1)
     uvicorn.Server(config).run()

@@ -28,13 +28,15 @@ matter, pass the pre-sigmoid tensor as `output=` (`--output-name`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from .errors import OnnxcamError
+from .labels import match_label
+from .safeio import regular_file
 
 WEIGHTS = "onnxcam_weights"  # float (N, *score dims): fixed part of W
 SELECT = "onnxcam_select"  # bool (N, *score dims): where the data-dependent part may be 1
@@ -72,14 +74,35 @@ class RegionTarget:
 
 @dataclass(frozen=True)
 class DetectionTarget:
-    """Objectness or a class score of box `box` of an (N, boxes, fields) detection output. `objectness` and
-    `first_class` are the field indices of the objectness score and of class 0 (YOLOv5: 4 and 5)."""
+    """Objectness or a class score of box `box` of a detection output: YOLOv5's (N, boxes, 5 + classes)
+    [x, y, w, h, objectness, classes...] or ultralytics' (YOLOv8/11) (N, 4 + classes, boxes) [x, y, w, h,
+    classes...], told apart by which axis is shorter (`layout` "auto"), or named ("yolov5", "ultralytics").
+    `box=None` is the top detection (highest objectness x class score; ultralytics: highest class score).
+    `objectness` / `first_class` override the field indices of the objectness score and of class 0."""
 
-    box: int
-    field: str = "objectness"
+    box: int | None = None
+    field: str | None = None  # None: "objectness" where the layout has one, else "class"
     cls: int | None = None  # field="class": None = the box's top-scoring class
-    objectness: int = 4
-    first_class: int = 5
+    objectness: int | None = None
+    first_class: int | None = None
+    layout: str = "auto"
+
+    def field_for(self, shape: tuple) -> str:
+        return self.field or ("objectness" if self.fields(shape)[1] is not None else "class")
+
+    def fields(self, shape: tuple) -> tuple[str, int | None, int]:
+        """(layout, objectness field or None, first class field) for an output of per-sample shape (a, b)."""
+        layout = self.layout
+        if layout == "auto":
+            layout = "ultralytics" if shape[0] < shape[1] else "yolov5"
+        if layout not in LAYOUTS:
+            raise OnnxcamError(f"detection layout must be one of auto, {', '.join(LAYOUTS)}, got '{self.layout}'")
+        objectness = self.objectness if self.objectness is not None else (4 if layout == "yolov5" else None)
+        first = self.first_class if self.first_class is not None else (5 if layout == "yolov5" else 4)
+        return layout, objectness, first
+
+
+LAYOUTS = ("yolov5", "ultralytics")
 
 
 Target = (ClassTarget, IndexTarget, RegionTarget, DetectionTarget)
@@ -119,27 +142,76 @@ def _flat(index: Sequence[int], shape: tuple, what: str) -> int:
 
 
 def _detection_index(t: DetectionTarget, shape: tuple) -> tuple[int, int] | None:
-    """(box, field) of a fixed detection element; None when the class is the box's top class."""
+    """The (per-sample) index of a fixed detection element; None when the class is the box's top class."""
     if len(shape) != 2:
-        raise OnnxcamError(f"a box target needs an (N, boxes, fields) output; this one is "
-                           f"(N, {', '.join(map(str, shape))})")
-    boxes, fields = shape
+        raise OnnxcamError(f"a box target needs an (N, boxes, fields) output (or ultralytics' (N, fields, "
+                           f"boxes)); this one is (N, {', '.join(map(str, shape))})")
+    layout, objectness, first = t.fields(shape)
+    boxes, fields = shape if layout == "yolov5" else shape[::-1]
+    if t.box is None:
+        raise OnnxcamError("the top detection is found from the scores; resolve it first (resolve_top_boxes)")
     if not 0 <= t.box < boxes:
         raise OnnxcamError(f"box {t.box} is out of range: the output has {boxes} boxes (0..{boxes - 1})")
-    if t.field not in FIELDS:
+    field = t.field_for(shape)
+    if field not in FIELDS:
         raise OnnxcamError(f"box field must be one of {', '.join(FIELDS)}, got '{t.field}'")
-    if t.field == "objectness":
-        if not 0 <= t.objectness < fields:
-            raise OnnxcamError(f"objectness field {t.objectness} is out of range for {fields} fields")
-        return t.box, t.objectness
-    classes = fields - t.first_class
+    at = (lambda f: (t.box, f)) if layout == "yolov5" else (lambda f: (f, t.box))
+    if field == "objectness":
+        if objectness is None:
+            raise OnnxcamError(f"this {layout} output (N, {', '.join(map(str, shape))}) has no objectness field; "
+                               f"use the class field")
+        if not 0 <= objectness < fields:
+            raise OnnxcamError(f"objectness field {objectness} is out of range for {fields} fields")
+        return at(objectness)
+    classes = fields - first
     if classes <= 0:
-        raise OnnxcamError(f"the output has {fields} fields per box: no class scores after field {t.first_class}")
+        raise OnnxcamError(f"the output has {fields} fields per box: no class scores after field {first}")
     if t.cls is None:
         return None
     if not 0 <= t.cls < classes:
         raise OnnxcamError(f"class {t.cls} is out of range: boxes have {classes} class scores (0..{classes - 1})")
-    return t.box, t.first_class + t.cls
+    return at(first + t.cls)
+
+
+def resolve_data_dependent(items: list, scores: np.ndarray, probability: bool) -> list:
+    """Targets whose element depends on the model's answer, made fixed from the scores (N, *per-sample shape):
+    a detection target with box=None becomes the top detection (its class too, for field="class"); a predicted
+    region of a single-channel output (binary segmentation, where an argmax over one channel would select the
+    whole image) becomes the mask of positions above 0.5 (probabilities) or 0 (logits)."""
+    out = []
+    for s, t in enumerate(items):
+        sc = np.asarray(scores[s], np.float64)
+        if isinstance(t, DetectionTarget) and t.box is None:
+            if sc.ndim != 2:
+                raise OnnxcamError(f"a box target needs an (N, boxes, fields) output (or ultralytics' (N, "
+                                   f"fields, boxes)); this one is (N, {', '.join(map(str, sc.shape))})")
+            layout, objectness, first = t.fields(sc.shape)
+            per_box = sc if layout == "yolov5" else sc.T
+            classes = per_box[:, first:]
+            if classes.shape[1] == 0:
+                raise OnnxcamError(f"the output has {per_box.shape[1]} fields per box: no class scores")
+            conf = classes.max(1) * (per_box[:, objectness] if objectness is not None else 1.0)
+            box = int(np.argmax(conf))
+            field = t.field_for(sc.shape)
+            cls = t.cls if t.cls is not None or field != "class" else int(np.argmax(classes[box]))
+            t = DetectionTarget(box, field, cls, t.objectness, t.first_class, layout)
+        elif isinstance(t, RegionTarget) and t.mask is None and sc.ndim >= 2 and sc.shape[0] == 1:
+            if t.cls != 0:
+                raise OnnxcamError(f"region class {t.cls} is out of range: the output has 1 channel (class 0)")
+            fg = sc[0] > (0.5 if probability else 0.0)
+            if not fg.any():
+                raise OnnxcamError(f"no position of the single-channel output is above "
+                                   f"{0.5 if probability else 0} (the predicted foreground is empty); give a mask")
+            t = RegionTarget(0, fg)
+        out.append(t)
+    return out
+
+
+def needs_scores(items: list, shape: tuple) -> bool:
+    """Whether resolve_data_dependent has work to do (the other data-dependent targets run in the graph)."""
+    return any((isinstance(t, DetectionTarget) and t.box is None)
+               or (isinstance(t, RegionTarget) and t.mask is None and len(shape) >= 2 and shape[0] == 1)
+               for t in items)
 
 
 def resize_mask(mask, spatial: tuple) -> np.ndarray:
@@ -230,9 +302,11 @@ def plan(items: Sequence, shape: tuple) -> Plan:
             else:
                 weights[s, t.cls] = resize_mask(t.mask, shape[1:])
         else:  # a detection target whose class is the box's best
-            select[s, t.box, t.first_class:] = True
-            group[s, t.box, t.first_class:] = True
-            axes.add(len(shape))
+            layout, _, first = t.fields(shape)
+            at = (s, t.box, slice(first, None)) if layout == "yolov5" else (s, slice(first, None), t.box)
+            select[at] = True
+            group[at] = True
+            axes.add(len(shape) if layout == "yolov5" else 1)
     if len(axes) > 1:
         raise OnnxcamError("predicted-mask regions and top-class box targets cannot share one batch")
     return Plan(weights=weights, select=select, group=group, axis=axes.pop() if axes else 1)
@@ -284,12 +358,19 @@ def _weighted_session(ex, axis: int):
 
 def score_shape(ex, feeds) -> tuple:
     """The score's per-sample shape: static from the model, else from one forward run."""
-    from .graph import ModelView, load_model, prune
-    from .runtime import make_session
+    from .graph import ModelView
 
     shape = ModelView(ex._inferred).shape(ex.score)
     if shape is not None and len(shape) >= 1 and all(isinstance(d, int) for d in shape[1:]):
         return tuple(shape[1:])
+    return tuple(score_values(ex, feeds).shape[1:])
+
+
+def score_values(ex, feeds) -> np.ndarray:
+    """The score (N, ...) from a forward run of the model alone."""
+    from .graph import ModelView, load_model, prune
+    from .runtime import make_session
+
     with ex._aux_lock:
         if "probe" not in ex._aux:
             m = load_model(ex._inferred)  # a private copy
@@ -299,20 +380,25 @@ def score_shape(ex, feeds) -> tuple:
             ex._aux["probe"] = make_session(m, ex.providers, ex.session_options)
         probe = ex._aux["probe"]
     needed = {i.name for i in probe.get_inputs()}
-    return tuple(probe.run(None, {k: v for k, v in feeds.items() if k in needed})[0].shape[1:])
+    return probe.run(None, {k: v for k, v in feeds.items() if k in needed})[0]
 
 
 def explain(ex, feeds: dict, targets, counterfactual: bool, eigen_smooth: bool, channels, progress):
     """Explainer.explain for Target objects: `r.targets` holds the targets (dtype object), `r.scores` the
     score in the output's own shape (N, ...), `r.target_scores` (N,) the differentiated scalar y."""
     from . import build, methods
-    from .explainer import Explanation
-    from .runtime import first_line
+    from .explainer import Explanation, check_samples, flag_empty
+    from .runtime import first_line, require_finite
 
     image = feeds[ex.image_input]
     n = image.shape[0]
     items = per_sample(targets, n)
     shape = score_shape(ex, feeds)
+    if len(shape) == 2:  # name the field a detection target left to the layout
+        items = [replace(t, field=t.field_for(shape)) if isinstance(t, DetectionTarget) and t.field is None else t
+                 for t in items]
+    if needs_scores(items, shape):
+        items = resolve_data_dependent(items, score_values(ex, feeds), ex.score_is_probability)
     p = plan(items, shape)
     objs = np.empty(n, object)
     objs[:] = items
@@ -335,19 +421,27 @@ def explain(ex, feeds: dict, targets, counterfactual: bool, eigen_smooth: bool, 
         outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, run_feeds)))
     except Exception as exc:
         raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
+    check_samples(outs[build.SCORES], n, ex.output_name)
+    require_finite(outs[build.SCORES], f"the model's output '{ex.output_name}'")
     if kind in ("gradient", "pixel") and not eigen_smooth:
         maps = [outs[build.maps_name(i)] for i in range(len(ex.layers))]
         heat = outs[build.HEATMAPS]
     else:
         maps = [np.maximum(methods.first_component(outs[build.weighted_name(i)]), 0) for i in range(len(ex.layers))]
         heat = ex._heatmaps(maps, image)
+    require_finite(heat, "the heatmap")
     guided, extras = None, {}
     if kind == "pixel":
         guided = outs[build.GUIDED_GRADCAM if ex.method == "guided-gradcam" else build.GUIDED]
         extras["guided_backprop"] = outs[build.GUIDED]
-    return Explanation(maps=maps[0], heatmaps=heat, scores=outs[build.SCORES], targets=objs, layer=ex.layer,
-                       method=ex.method, counterfactual=counterfactual, guided=guided, maps_per_layer=maps,
-                       extras=extras, target_scores=outs[TARGET_SCORES])
+    r = Explanation(maps=maps[0], heatmaps=heat, scores=outs[build.SCORES], targets=objs, layer=ex.layer,
+                    method=ex.method, counterfactual=counterfactual, guided=guided, maps_per_layer=maps,
+                    extras=extras, target_scores=outs[TARGET_SCORES])
+    # A predicted region its class owns nowhere selects nothing: y is 0 by definition, not independent of the layer.
+    unowned = {s for s, t in enumerate(items) if isinstance(t, RegionTarget) and t.mask is None
+               and not (np.asarray(r.scores[s]).argmax(0) == t.cls).any()}
+    flag_empty(r, outs, ex.layers, quiet=unowned)
+    return r
 
 
 def describe(t) -> str:
@@ -359,8 +453,8 @@ def describe(t) -> str:
     if isinstance(t, RegionTarget):
         return f"region of class {t.cls} ({'predicted mask' if t.mask is None else 'mask'})"
     if isinstance(t, DetectionTarget):
-        what = t.field if t.field == "objectness" else ("top class" if t.cls is None else f"class {t.cls}")
-        return f"box {t.box} {what}"
+        what = t.field or "box score" if t.field != "class" else ("top class" if t.cls is None else f"class {t.cls}")
+        return f"{'top box' if t.box is None else f'box {t.box}'} {what}"
     return str(t)
 
 
@@ -370,11 +464,9 @@ def _class_of(text: str, labels, what: str) -> int:
         return int(text)
     except ValueError:
         pass
-    matches = [i for i, name in enumerate(labels or []) if name.lower() == text.strip().lower()]
-    if not matches:
-        raise OnnxcamError(f"{what} '{text}' is not a class index" + (" and matches no class label" if labels
-                                                                       else " and the model has no labels"))
-    return matches[0]
+    if not labels:
+        raise OnnxcamError(f"{what} '{text}' is not a class index and the model has no labels")
+    return match_label(text, labels, what)
 
 
 def parse_index(text: str) -> IndexTarget:
@@ -402,7 +494,9 @@ def parse_box(box: int, field: str | None) -> DetectionTarget:
     """`--box I [--field objectness|class|class:C]`."""
     if box < 0:
         raise OnnxcamError(f"--box {box} is out of range")
-    field = (field or "objectness").strip().lower()
+    if field is None:  # objectness where the output has it, else the class score (ultralytics)
+        return DetectionTarget(box, None)
+    field = field.strip().lower()
     name, sep, cls_text = field.partition(":")
     if name not in FIELDS or (sep and name != "class"):
         raise OnnxcamError(f"--field takes objectness, class or class:C, got '{field}'")
@@ -429,6 +523,7 @@ def load_inputs(specs: Sequence[str], ex) -> dict:
             raise OnnxcamError(f"input '{name}' is the explained image: give it as IMAGE, not --input")
         if name not in ex.input_names:
             raise OnnxcamError(f"--input '{name}': the model has no such input; inputs: {', '.join(ex.input_names)}")
+        regular_file(path, f"--input {name} file")  # a FIFO or a device would block or never end
         try:
             arr = np.load(path, allow_pickle=False)
         except FileNotFoundError:

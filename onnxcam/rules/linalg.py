@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import Context, _unbroadcast_dynamic, register
+from .registry import Context, _unbroadcast_axes, _unbroadcast_dynamic, register
 from .shape import const_ints, no_grads, norm_axis, static_dim
 
 
@@ -31,8 +31,9 @@ def gemm(ctx: Context, gy):
 
 # --- MatMul ----------------------------------------------------------------------------------------
 
-def _batch_sum_axes(mine: list, other: list) -> list[int] | None:
-    """Axes of the broadcast batch to sum for the operand with batch dims `mine`; None if unknowable."""
+def _batch_sum_axes(mine: list, other: list, uncertain: list | None = None) -> list[int] | None:
+    """Axes of the broadcast batch to sum for the operand with batch dims `mine`; None if unknowable.
+    With an `uncertain` list, unknowable axes go there as (axis of mine, axis of the batch) instead."""
     n = max(len(mine), len(other))
     lead = n - len(mine)
     axes = list(range(lead))
@@ -43,8 +44,10 @@ def _batch_sum_axes(mine: list, other: list) -> list[int] | None:
             axes.append(lead + i)          # harmless when the result dim is 1 too
         elif isinstance(d, int):
             continue
-        elif j < 0 or o == 1 or o == d:
+        elif j < 0 or o == 1 or (o is not None and o == d):
             continue
+        elif uncertain is not None:
+            uncertain.append((i, lead + i))
         else:
             return None                    # symbolic dim that may be 1 while the other is not
     return axes
@@ -53,14 +56,19 @@ def _batch_sum_axes(mine: list, other: list) -> list[int] | None:
 def _matmul_operand_grad(ctx: Context, g: str, operand: str, expanded: str, mine, other) -> str:
     """Sums the product-shaped gradient `g` over broadcast batch axes, then reshapes to `operand`."""
     emit = ctx.emit
+    uncertain: list = []
     if mine is None or other is None:
         axes = None
     else:
-        axes = _batch_sum_axes(mine[:-2], other[:-2])
+        # Before opset 13 there is no run-time axes list: unknowable axes are decided one by one instead.
+        axes = _batch_sum_axes(mine[:-2], other[:-2], uncertain if emit.opset < 13 else None)
     if axes is None:
         g = _unbroadcast_dynamic(ctx, g, expanded)
-    elif axes:
-        g = emit.reduce("ReduceSum", g, axes, keepdims=1)
+    else:
+        if axes:
+            g = emit.reduce("ReduceSum", g, axes, keepdims=1)
+        if uncertain:
+            g = _unbroadcast_axes(ctx, g, expanded, uncertain)
     return ctx.op("Reshape", [g, emit.shape_of(operand)])
 
 

@@ -128,38 +128,63 @@ class Context:
 def unbroadcast(ctx: Context, g: str, x: str, y: str) -> str:
     emit = ctx.emit
     xs, ys = ctx.shape(x), ctx.shape(y)
-    if xs is not None and ys is not None:
-        if list(xs) == list(ys):
-            return g
-        lead = len(ys) - len(xs)
-        axes = list(range(lead))
-        static = True
-        for i, dx in enumerate(xs):
-            dy = ys[lead + i]
-            if dx == dy and dx is not None:
-                continue
-            if dx == 1:
-                if dy != 1:
-                    axes.append(lead + i)
-                continue
-            if isinstance(dx, int) and isinstance(dy, int) and dx == dy:
-                continue
-            static = False
-            break
-        if static:
-            if not axes:
-                return g
-            summed = emit.reduce("ReduceSum", g, axes, keepdims=1)
-            if lead:
-                summed = emit.squeeze(summed, list(range(lead))) if len(xs) else emit.op(
-                    "Reshape", [summed, emit.ints([], "scalar_shape")])
-            return summed
-    return _unbroadcast_dynamic(ctx, g, x)
+    if xs is None or ys is None or len(ys) < len(xs):
+        if emit.opset < 13:
+            raise ValueError(f"broadcast gradient with unknown ranks ('{x}' or '{y}') needs opset >= 13")
+        return _unbroadcast_dynamic(ctx, g, x)
+    # Unknown dims (None) compare equal in a list but need not be the same size.
+    if list(xs) == list(ys) and all(d is not None for d in xs):
+        return g
+    lead = len(ys) - len(xs)
+    axes = list(range(lead))
+    uncertain = []  # operand axes that may or may not be broadcast: decided at run time
+    for i, dx in enumerate(xs):
+        dy = ys[lead + i]
+        if dx == 1:
+            if dy != 1:
+                axes.append(lead + i)  # summing a size-1 axis is harmless when dy turns out to be 1
+        elif isinstance(dx, int) or dy == 1 or (dx is not None and dx == dy):
+            continue  # a static size other than 1 is never broadcast; nor is anything into a 1
+        else:
+            uncertain.append(i)
+    if uncertain and emit.opset >= 13:
+        return _unbroadcast_dynamic(ctx, g, x)
+    summed = emit.reduce("ReduceSum", g, axes, keepdims=1) if axes else g
+    if uncertain:
+        summed = _unbroadcast_axes(ctx, summed, x, [(i, lead + i) for i in uncertain])
+    if lead:
+        summed = emit.squeeze(summed, list(range(lead))) if len(xs) else emit.op(
+            "Reshape", [summed, emit.ints([], "scalar_shape")])
+    return summed
+
+
+def _unbroadcast_axes(ctx: Context, g: str, x: str, pairs: list) -> str:
+    """Sums `g` over each axis (of `x`'s axis i, `g`'s axis ax) in `pairs` where `x` has size 1 at run time.
+
+    Before opset 13 ReduceSum takes its axes as an attribute, so the choice cannot be a run-time axes list.
+    Per axis: Concat([sum over ax (keepdims), g], ax) holds the sum at index 0 and g after it; a Slice of
+    length dim_x starting at 0 when dim_x == 1, else at 1, picks whichever is right (dim_x == dim_g when
+    `x` is not broadcast). Slice with tensor bounds needs opset 10."""
+    emit = ctx.emit
+    if emit.opset < 10:
+        raise ValueError(f"broadcast gradient with dynamic shapes needs opset >= 10 (the model has {emit.opset})")
+    xshape = emit.shape_of(x)
+    one = emit.ints([1], "one")
+    for i, ax in pairs:
+        dim = emit.op("Gather", [xshape, emit.ints([i], "axis")], axis=0)
+        is_one = emit.op("Cast", [emit.op("Equal", [dim, one])], to=onnx.TensorProto.INT64)
+        start = emit.op("Sub", [one, is_one])
+        end = emit.op("Add", [start, dim])
+        both = emit.op("Concat", [emit.reduce("ReduceSum", g, [ax], keepdims=1), g], axis=ax)
+        g = emit.op("Slice", [both, start, end, emit.ints([ax], "axes")])
+    return g
 
 
 def _unbroadcast_dynamic(ctx: Context, g: str, x: str) -> str:
     """Same as above when shapes are only known at run time: reduce where the operand's dim is 1."""
     emit = ctx.emit
+    if emit.opset < 13:  # ReduceSum's axes became an input in 13; callers with known ranks use _unbroadcast_axes
+        raise ValueError("broadcast gradient with dynamic shapes and unknown ranks needs opset >= 13")
     gshape = emit.shape_of(g)
     xshape = emit.shape_of(x)
     g_rank = emit.op("Size", [gshape])
@@ -170,8 +195,5 @@ def _unbroadcast_dynamic(ctx: Context, g: str, x: str) -> str:
     reduce_mask = emit.op("And", [emit.op("Equal", [x_padded, emit.ints([1])]),
                                   emit.op("Not", [emit.op("Equal", [gshape, emit.ints([1])])])])
     axes = emit.op("Reshape", [emit.op("NonZero", [reduce_mask]), emit.ints([-1])])
-    if emit.opset >= 13:
-        summed = emit.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
-    else:
-        raise ValueError("broadcast gradient with dynamic shapes needs opset >= 13")
+    summed = emit.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
     return emit.op("Reshape", [summed, xshape])
