@@ -1,19 +1,21 @@
 """onnxcam: Grad-CAM for any ONNX model, with gradients built from standard ONNX operators."""
 from typing import TYPE_CHECKING
 
+from .cam.targets import ClassTarget, DetectionTarget, IndexTarget, RegionTarget
 from .errors import OnnxcamError, UnsupportedOpError
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time they load on first use (below)
-    from .explainer import Explainer, Explanation
+    from .run.explainer import Explainer, Explanation
 
 __version__ = "0.1.0"
-__all__ = ["Explainer", "Explanation", "OnnxcamError", "UnsupportedOpError", "__version__"]
+__all__ = ["Explainer", "Explanation", "OnnxcamError", "UnsupportedOpError", "ClassTarget", "IndexTarget",
+           "RegionTarget", "DetectionTarget", "__version__"]
 
 
 def __getattr__(name: str):
     # Loaded on first use so that the CLI can start (and say what to install) without onnxruntime.
     if name in ("Explainer", "Explanation"):
-        from . import explainer
+        from .run import explainer
 
         return getattr(explainer, name)
     raise AttributeError(f"module 'onnxcam' has no attribute '{name}'")

@@ -34,11 +34,14 @@ import numpy as np
 from PIL import Image
 
 from . import metrics as M
-from . import methods as methods_mod
-from . import preprocess, rewrite
+from .cam import methods as methods_mod
 from .errors import OnnxcamError
-from .graph import ModelView, infer_shapes, load_model, prune, value_info
-from .runtime import first_line, make_session
+from .images import preprocess
+from .model import select
+from .model.graph import ModelView, infer_shapes, load_model, prune, value_info
+from .model.safeio import regular_file
+from .run.explainer import Explainer
+from .run.runtime import first_line, make_session
 
 METRICS = ("localization", "pointing", "deletion", "insertion", "drop", "road", "occlusion")
 PSEUDO_METHODS = ("random", "center")
@@ -154,8 +157,6 @@ MAX_ANNOTATION_BYTES = 256 * 2 ** 20
 
 
 def _read_text(path: Path) -> str:
-    from .safeio import regular_file
-
     regular_file(path, "annotation file", MAX_ANNOTATION_BYTES)  # a FIFO would block, /dev/zero never end
     try:
         return path.read_text(encoding="utf-8-sig")
@@ -282,8 +283,8 @@ class Evaluator:
         if len(view.graph_inputs) != 1:
             raise OnnxcamError(f"evaluate needs a model with one input (the image); this one has "
                                f"{len(view.graph_inputs)}: {', '.join(view.graph_inputs)}")
-        self.image_input = rewrite.image_input(view)
-        self.score = rewrite.find_score(view)
+        self.image_input = select.image_input(view)
+        self.score = select.find_score(view)
         meta = preprocess.model_metadata(source)
         self.labels = meta.get("labels")
         self.pp = preprocess.resolve_preprocess(view.shape(self.image_input), metadata=meta,
@@ -298,8 +299,6 @@ class Evaluator:
         self.num_classes = None
         self.explainers = {}
         layers = list(layer) if isinstance(layer, (list, tuple)) else layer
-        from .explainer import Explainer
-
         for m in self.methods:
             if m not in PSEUDO_METHODS:
                 self.explainers[m] = Explainer(source, layer=layers or None, method=m, providers=providers,

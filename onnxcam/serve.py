@@ -25,7 +25,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import difflib
 import importlib.resources
 import io
 import json
@@ -43,10 +42,12 @@ from typing import Any, Awaitable, Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import methods as methods_registry
-from . import preprocess, render
+from . import __version__
+from .cam import methods as methods_registry
 from .errors import OnnxcamError
-from .explainer import Explainer
+from .images import preprocess, render
+from .images.labels import match_label
+from .run.explainer import Explainer
 
 INSTALL_HINT = "onnxcam serve needs FastAPI, uvicorn and prometheus-client: pip install 'onnxcam[serve]'"
 CODEC_THREADS = 4  # threads decoding requests and encoding responses
@@ -558,14 +559,10 @@ def parse_target(value: Any, spec: ModelSpec, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, str):
-        labels = spec.labels or []
-        matches = [i for i, name in enumerate(labels) if name == value] or \
-            [i for i, name in enumerate(labels) if name.lower() == value.lower()]
-        if not matches:
-            near = difflib.get_close_matches(value.lower(), [name.lower() for name in labels], n=3)
-            hint = "; did you mean " + ", ".join(f"'{n}'" for n in near) + "?" if near else ""
-            raise ApiError(400, f"{where}: '{value[:80]}' matches no class label{hint}")
-        return matches[0]
+        try:
+            return match_label(value[:200], spec.labels, f"{where}: label")
+        except OnnxcamError as exc:
+            raise ApiError(400, str(exc)) from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, f"{where}: a target is a class index or label, got {json.dumps(value)[:40]}")
     return check_class(value, spec, where)
@@ -1093,7 +1090,6 @@ def create_app(explainer_or_model, name: str | None = None, max_batch: int = 16,
 
     @app.get("/v2")
     async def server_metadata():
-        from . import __version__
         return {"name": "onnxcam", "version": __version__, "extensions": []}
 
     @app.get("/v2/models/{name}")

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxcam
 from onnxcam.errors import OnnxcamError
-from onnxcam.targets import DetectionTarget, IndexTarget, RegionTarget
+from onnxcam.cam.targets import DetectionTarget, IndexTarget, RegionTarget
 
 F = TensorProto.FLOAT
 
@@ -381,3 +381,24 @@ def test_cli_explains_a_detectors_top_detection_and_draws_its_box(tmp_path):
     x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
     if 0 <= x0 < 32 and 0 <= y0 < 32:
         assert tuple(drawn[y0, x0]) == (0, 255, 0)
+
+
+def test_scorecam_scores_perturbed_inputs_with_the_targets_weights():
+    """Every target is a weighting W of the score: Score-CAM scores each masked image by <W, score>, here the
+    sum of a given region of a segmentation output (a target the class-index path could not express)."""
+    model = binary_segmentation_model()
+    x = np.random.default_rng(15).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    region = np.zeros((8, 8), bool)
+    region[2:6, 1:5] = True
+    r = onnxcam.Explainer(model, layer="f", method="scorecam").explain(x, RegionTarget(0, region))
+    (acts,) = _run(_with_output(model, "f"), {"x": x}, ["f"])
+    acts = acts[0].astype(np.float64)
+    ys = []
+    for a in acts:  # the layer is 8x8 like the input: the upsampling is the identity
+        mask = (a - a.min()) / (a.max() - a.min() + 1e-8)
+        (prob,) = _run(model, {"x": (x * mask).astype(np.float32)})
+        ys.append(float(prob[0, 0][region].sum()))
+    w = np.exp(np.float64(ys) - max(ys))
+    w /= w.sum()
+    ref = np.maximum((w[:, None, None] * acts).sum(0), 0)
+    assert _rel(r.maps[0], ref) < 1e-4

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxcam import Explainer, render
+from onnxcam import Explainer
+from onnxcam.images import render
 from onnxcam.cli import main
 
 torch = pytest.importorskip("torch")

@@ -12,8 +12,8 @@ from PIL import Image
 import onnxcam
 from onnxcam.cli import cli, main
 from onnxcam.errors import OnnxcamError
-from onnxcam.labels import match_label
-from onnxcam.methods import get_method
+from onnxcam.images.labels import match_label
+from onnxcam.cam.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "models" / "efficientnet_lite0.onnx")

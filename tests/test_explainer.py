@@ -38,7 +38,7 @@ def test_demo_maps_are_class_discriminative(demo):
     cat = max(CAT_CLASSES, key=lambda c: scores[c])
     cup = max(CUP_CLASSES, key=lambda c: scores[c])
     pp = demo.preprocessing()
-    from onnxcam.preprocess import load_image, to_tensor
+    from onnxcam.images.preprocess import load_image, to_tensor
 
     batch = np.concatenate([to_tensor(load_image(CAT_CUP), pp)] * 2)
     e = demo.explain(batch, [cat, cup])
@@ -51,7 +51,7 @@ def test_demo_maps_are_class_discriminative(demo):
 
 
 def test_batch_targets_match_single_runs(demo):
-    from onnxcam.preprocess import load_image, to_tensor
+    from onnxcam.images.preprocess import load_image, to_tensor
 
     pp = demo.preprocessing()
     x = np.concatenate([to_tensor(load_image(p), pp) for p in (CAT, CAT_CUP)])
@@ -66,7 +66,7 @@ def test_batch_targets_match_single_runs(demo):
 
 def test_counterfactual_is_grad_cam_of_the_negated_weights(demo):
     """ReLU(sum_k -alpha_k A^k): disjoint support with Grad-CAM, and the two differ only in sign before the ReLU."""
-    from onnxcam.preprocess import load_image, to_tensor
+    from onnxcam.images.preprocess import load_image, to_tensor
 
     x = to_tensor(load_image(CAT_CUP), demo.preprocessing())
     pos = demo.explain(x, 285).maps
@@ -138,7 +138,7 @@ def _tiny_model(extra_op: str | None = None, softmax: bool = False) -> onnx.Mode
 def test_unsupported_op_names_op_and_node():
     with pytest.raises(UnsupportedOpError, match=r"'Mystery'.*'mystery'"):
         Explainer(_tiny_model("Mystery"), layer="c")
-    from onnxcam.rules import supported_ops
+    from onnxcam.autodiff.rules import supported_ops
 
     assert "Mystery" not in supported_ops() and "Conv" in supported_ops()
 
@@ -205,13 +205,14 @@ def test_from_existing_session_reuses_providers_and_options():
 
 def test_building_the_explain_graph_leaves_its_input_untouched():
     # Explainer keeps the shape-inferred model for the graphs it derives later (Score-CAM, Ablation-CAM, targets).
-    from onnxcam import build, rewrite
-    from onnxcam.graph import ModelView, infer_shapes, load_model
+    from onnxcam.cam import build
+    from onnxcam.model import select
+    from onnxcam.model.graph import ModelView, infer_shapes, load_model
 
     model = infer_shapes(load_model(MODEL))
     before = model.SerializeToString()
     view = ModelView(model)
-    image, score, layers = rewrite.resolve(view)
+    image, score, layers = select.resolve(view)
     build.build_explain_graph(model, build.Spec(image=image, layers=layers, score=score))
     assert model.SerializeToString() == before
 
@@ -241,7 +242,7 @@ def test_shape_inference_without_weights_matches_inference_on_the_whole_model():
     # shapes that data propagation takes from short constants (Reshape target, Resize scales, Slice ends).
     from onnx import shape_inference
 
-    from onnxcam.graph import infer_shapes, load_model
+    from onnxcam.model.graph import infer_shapes, load_model
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
@@ -274,7 +275,7 @@ def test_shape_inference_without_weights_matches_inference_on_the_whole_model():
 
 def test_sessions_get_no_unused_initializers():
     # onnxruntime warns once per unused initializer on stderr; the Resize rule used to leave two behind.
-    from onnxcam.runtime import _drop_unused_initializers
+    from onnxcam.run.runtime import _drop_unused_initializers
 
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),

@@ -10,7 +10,7 @@ import pytest
 
 from onnxcam import Explainer, OnnxcamError
 from onnxcam.cli import main
-from onnxcam.export import export_model, triton_config
+from onnxcam.cam.export import export_model, triton_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"

@@ -284,7 +284,7 @@ def test_ablationcam_on_channels_first_and_channels_last_layers(prepared: Prepar
     # Ablation-CAM recomputed from its definition on the float64 head: set channel k of the layer (all positions)
     # to the ablation value, weight_k = (S - S_k) / S, map = ReLU(sum_k weight_k A_k). keras_pointwise_head's
     # layer is channels-last, so onnxcam must ablate through its channels-first view.
-    from onnxcam.perturb import ablation_value
+    from onnxcam.cam.perturb import ablation_value
 
     ex = Explainer(str(prepared.path), method="ablationcam", layer=prepared.expected)
     r = ex.explain(prepared.x)

@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, numpy_helper, version_converter
 
 import onnxcam
-from onnxcam.export import export_model
+from onnxcam.cam.export import export_model
 from tests import torch_export
 
 SIZE = 64

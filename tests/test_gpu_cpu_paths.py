@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcam import Explainer, OnnxcamError, runtime
+from onnxcam import Explainer, OnnxcamError
+from onnxcam.run import placement as placements, runtime
 from onnxcam.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def _conv_pool_model() -> onnx.ModelProto:
 
 # -- node placement -----------------------------------------------------------------------------
 def test_placement_of_the_demo_explain_graph_is_all_cpu(demo):
-    placement = runtime.node_placement(demo)
+    placement = placements.node_placement(demo)
     assert list(placement) == [CPU]
     ops = {op for _, op in placement[CPU]}
     # the backward and the CAM arithmetic are there, not only the forward
@@ -202,23 +203,23 @@ def test_placement_lists_the_gradient_ops_of_guided_backprop():
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
     _same(ex.explain(x), ex.explain_bound(x))
     assert np.array_equal(ex.explain(x).guided, ex.explain_bound(x).guided)
-    placement = runtime.node_placement(ex)
+    placement = placements.node_placement(ex)
     assert list(placement) == [CPU]
     ops = {op for _, op in placement[CPU]}
     assert {"ConvTranspose", "ScatterElements"} <= ops, ops
     # the same listing from a ModelProto and from a plain session of the explain graph
-    assert {op for _, op in runtime.node_placement(ex.model)[CPU]} == ops
+    assert {op for _, op in placements.node_placement(ex.model)[CPU]} == ops
     plain = ort.InferenceSession(ex.model.SerializeToString(), providers=[CPU])
-    assert {op for _, op in runtime.node_placement(plain)[CPU]} == ops
+    assert {op for _, op in placements.node_placement(plain)[CPU]} == ops
     # ... and of the plain model (no onnxcam inputs)
-    assert "ConvTranspose" not in {op for _, op in runtime.node_placement(model)[CPU]}
+    assert "ConvTranspose" not in {op for _, op in placements.node_placement(model)[CPU]}
 
 
 def test_placement_errors(monkeypatch):
     with pytest.raises(OnnxcamError, match="not available"):
-        runtime.node_placement(_conv_pool_model(), providers=[CUDA])
+        placements.node_placement(_conv_pool_model(), providers=[CUDA])
     with pytest.raises(OnnxcamError, match="node_placement takes"):
-        runtime.node_placement(42)
+        placements.node_placement(42)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_cli_providers_counts(capsys):
 
 def test_cli_providers_flags_cpu_fallback(capsys, monkeypatch):
     """A GPU session whose nodes land on the CPU: simulated by faking the session's providers."""
-    import onnxcam.explainer as ex_mod
+    import onnxcam.run.explainer as ex_mod
 
     real = ex_mod.Explainer.__init__
 
@@ -275,7 +276,7 @@ def test_cli_providers_flags_cpu_fallback(capsys, monkeypatch):
         self.session = _FakeSession(self.session)
 
     monkeypatch.setattr(ex_mod.Explainer, "__init__", fake_init)
-    monkeypatch.setattr(runtime, "node_placement",
+    monkeypatch.setattr(placements, "node_placement",
                         lambda e: {CUDA: [("conv", "Conv")], CPU: [("shape_1", "Shape"), ("scatter", "ScatterND")]})
     code, stdout, stderr = run_cli(capsys, "providers", MODEL, "--device", "cuda")
     assert code == 0, stderr

@@ -486,7 +486,7 @@ def wide_model(folder: Path, classes: int = 3072, c: int = 64, h: int = 8) -> tu
 def test_external_weights_are_mapped_not_inlined_and_exported_alongside(tmp_path, monkeypatch):
     """Before: the weights were inlined into the proto and serialised for onnxruntime (a 2.4 GB model failed
     with "Failed to serialize proto" after 14.5 GB); export wrote one file."""
-    from onnxcam import runtime
+    from onnxcam.run import runtime
     from onnxcam.cli import main
 
     folder = tmp_path / "m"

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from onnxcam import Explainer
 from onnxcam.errors import OnnxcamError
-from onnxcam.graph import ModelView, dims_of, infer_shapes
+from onnxcam.model.graph import ModelView, dims_of, infer_shapes
 from tests.adjoint import check_vjp
 
 F32 = TensorProto.FLOAT

@@ -96,7 +96,7 @@ def test_label_targets_are_the_class_indices(explainer):
 @pytest.mark.parametrize("label, message", [
     ("cofee mug", "target 'cofee mug' matches no class label; did you mean 'coffee mug'?"),
     ("cat", "did you mean 'tiger cat', 'Persian cat', 'Siamese cat'"),
-    ("qqqqqq", "target 'qqqqqq' matches no class label (Explainer.labels lists the 1000)"),
+    ("qqqqqq", "target 'qqqqqq' matches no class label (the model has 1000 labels)"),
 ])
 def test_unknown_labels_say_what_comes_close(explainer, label, message):
     with pytest.raises(onnxcam.OnnxcamError, match=None) as info:
@@ -124,7 +124,7 @@ def test_unknown_keywords_of_explain_image(explainer):
 
 
 def test_overlay_save_and_display(explainer, tmp_path):
-    from onnxcam import preprocess, render
+    from onnxcam.images import preprocess, render
 
     photo = preprocess.load_image(ROOT / "models" / "cat.png")
     r = explainer.explain_image(photo)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import onnxcam.rules  # noqa: F401  (registers the rules)
-from onnxcam.rules import coverage_markdown, supported_ops
+import onnxcam.autodiff.rules  # noqa: F401  (registers the rules)
+from onnxcam.autodiff.rules import coverage_markdown, supported_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ops.md"

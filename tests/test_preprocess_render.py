@@ -1,4 +1,4 @@
-"""Tests for onnxcam.preprocess and onnxcam.render, plus the bundled demo."""
+"""Tests for onnxcam.images.preprocess and onnxcam.render, plus the bundled demo."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from onnxcam.errors import OnnxcamError
-from onnxcam.preprocess import (
+from onnxcam.images.preprocess import (
     PRESETS,
     Preprocess,
     labels_from_file,
@@ -22,7 +22,7 @@ from onnxcam.preprocess import (
     resolve_preprocess,
     to_tensor,
 )
-from onnxcam.render import jet, overlay, panel, save_png
+from onnxcam.images.render import jet, overlay, panel, save_png
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "models" / "efficientnet_lite0.onnx"

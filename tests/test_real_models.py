@@ -5,7 +5,7 @@ For each model:
    structural reason re-checked here on the graph itself);
 2. Grad-CAM maps at that layer equal a float64 central finite-difference Grad-CAM computed on the head subgraph
    (layer -> score) by onnx's reference evaluator, independently of onnxcam's gradient rules;
-3. every method of onnxcam.methods.METHODS either runs (finite maps) or refuses with a one-line OnnxcamError;
+3. every method of onnxcam.cam.methods.METHODS either runs (finite maps) or refuses with a one-line OnnxcamError;
 4. Score-CAM and Ablation-CAM give the same maps at the default batch_size as at batch_size=1 (batch-1 graphs).
 
 Inputs are realistic: the bundled cat photos, or text / a document page / a captcha rendered with PIL's bundled
@@ -27,8 +27,8 @@ from onnx.reference import ReferenceEvaluator
 from PIL import Image, ImageDraw, ImageFont
 
 from onnxcam import Explainer, OnnxcamError
-from onnxcam.methods import METHODS
-from onnxcam.targets import DetectionTarget, IndexTarget, RegionTarget
+from onnxcam.cam.methods import METHODS
+from onnxcam.cam.targets import DetectionTarget, IndexTarget, RegionTarget
 from tests.realmodels import REGISTRY, fetch
 from tests.test_foreign_exports import _to_float64
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import onnxcam.rules  # noqa: F401  (registers the rules)
-from onnxcam.rules import registry
+import onnxcam.autodiff.rules  # noqa: F401  (registers the rules)
+from onnxcam.autodiff.rules import registry
 from tests.adjoint import check_vjp
 
 F32 = np.float32
@@ -393,7 +393,7 @@ def test_group_normalization(xs, groups, opset, monkeypatch):
 def test_harness_catches_a_wrong_rule(monkeypatch):
     """A Conv rule that forgets the stride geometry (ConvTranspose without pads/output_padding, resized
     by a Slice) must be caught, as must one that is only off by a constant factor."""
-    from onnxcam.rules import conv as conv_rules
+    from onnxcam.autodiff.rules import conv as conv_rules
 
     def wrong_conv(ctx, gy):
         return [ctx.op("Mul", [conv_rules.conv(ctx, gy)[0], ctx.scalar(1.01, ctx.input(0))]), None]
@@ -496,7 +496,7 @@ def test_resize_with_computed_sizes_or_scales(use_sizes):
     """FPN-style: the target size comes from another tensor's Shape at run time, not a constant."""
     from onnx import TensorProto, helper
 
-    from onnxcam.graph import infer_shapes
+    from onnxcam.model.graph import infer_shapes
 
     nodes = [helper.make_node("Shape", ["x"], ["xs"]),
              helper.make_node("Slice", ["xs", "zero", "two"], ["nc"]),
@@ -553,7 +553,7 @@ def test_exported_cnn_matches_torch_autograd(opset):
     from torch.nn import functional as tf
 
     from onnxcam.autodiff import gradient
-    from onnxcam.graph import infer_shapes
+    from onnxcam.model.graph import infer_shapes
     from tests.adjoint import run
 
     class Net(nn.Module):

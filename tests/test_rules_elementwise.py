@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import onnxcam.rules  # noqa: F401  (registers the rules)
+import onnxcam.autodiff.rules  # noqa: F401  (registers the rules)
 from onnxcam.errors import UnsupportedOpError
-from onnxcam.rules import registry
+from onnxcam.autodiff.rules import registry
 from tests.adjoint import check_vjp, run, single_node_model, vjp_model
 
 F32 = np.float32

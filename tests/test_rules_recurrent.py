@@ -18,10 +18,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-import onnxcam.rules  # noqa: F401  (registers the rules)
+import onnxcam.autodiff.rules  # noqa: F401  (registers the rules)
 from onnxcam.autodiff import gradient
 from onnxcam.errors import UnsupportedOpError
-from onnxcam.graph import ensure_opset, infer_shapes
+from onnxcam.model.graph import ensure_opset, infer_shapes
 from tests.adjoint import run, vjp_model
 
 F32 = np.float32

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from adjoint import check_vjp, run, single_node_model, vjp_model
 from onnxcam.errors import OnnxcamError
-from onnxcam.graph import infer_shapes
+from onnxcam.model.graph import infer_shapes
 
 F64 = np.float64
 

@@ -24,7 +24,8 @@ for _module in ("fastapi", "uvicorn", "prometheus_client"):
     pytest.importorskip(_module)
 
 import onnxcam  # noqa: E402
-from onnxcam import cli, preprocess  # noqa: E402
+from onnxcam import cli  # noqa: E402
+from onnxcam.images import preprocess
 from onnxcam.serve import Batcher  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -19,7 +19,8 @@ from tests.test_serve import CAT, MODEL, V1, V2, Server, assert_healthy, raw_exc
 httpx = pytest.importorskip("httpx")
 
 import onnxcam  # noqa: E402
-from onnxcam import preprocess, render, serve  # noqa: E402
+from onnxcam.images import preprocess, render  # noqa: E402
+from onnxcam import serve
 from PIL import Image  # noqa: E402
 
 HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE, MAX_CONNECTIONS = 1.0, 2.0, 1.0, 12

@@ -20,8 +20,8 @@ from torch import nn
 
 import onnxcam
 from onnxcam.cli import main
-from onnxcam.graph import ModelView
-from onnxcam.targets import ClassTarget, DetectionTarget, IndexTarget, RegionTarget, resize_mask
+from onnxcam.model.graph import ModelView
+from onnxcam.cam.targets import ClassTarget, DetectionTarget, IndexTarget, RegionTarget, resize_mask
 from tests.torch_export import calibrate_batchnorm, torch_gradcam
 
 SEG_SIZE = 64
@@ -381,7 +381,7 @@ def test_two_input_model_cli(image_text, tmp_path, capsys):
     rec = json.loads(out)
     ex = onnxcam.Explainer(path)
     pp = ex.preprocessing(preset="unit")
-    from onnxcam import preprocess
+    from onnxcam.images import preprocess
 
     xi = preprocess.to_tensor(preprocess.load_image(str(img)), pp)
     with torch.no_grad():
@@ -452,7 +452,7 @@ def test_cli_region_and_box(fcn, yolo_cli, tmp_path, capsys):
                  "--json", "--preset", "unit", "-o", str(tmp_path / "raw.png")])
     out, err = capsys.readouterr()
     assert code == 0, err
-    from onnxcam import preprocess
+    from onnxcam.images import preprocess
 
     xi = preprocess.to_tensor(preprocess.load_image(str(img)), onnxcam.Explainer(yolo_path, layer=yolo_layer).preprocessing(
         preset="unit"))
@@ -521,10 +521,10 @@ def test_cli_predicted_region_a_class_does_not_own_is_noted(tiny_seg, tmp_path, 
 
 
 def _auto_layer(path) -> str:
-    from onnxcam import rewrite
-    from onnxcam.graph import infer_shapes, load_model
+    from onnxcam.model import select
+    from onnxcam.model.graph import infer_shapes, load_model
 
-    return rewrite.resolve(ModelView(infer_shapes(load_model(path))))[2][0]
+    return select.resolve(ModelView(infer_shapes(load_model(path))))[2][0]
 
 
 def test_dense_outputs_default_to_the_head_input(fcn, yolo, tiny_seg):

@@ -26,7 +26,7 @@ import torch
 import torchvision
 
 import onnxcam
-from onnxcam.layouts import CHANNELS_LAST, TOKENS, LayerLayout
+from onnxcam.model.layouts import CHANNELS_LAST, TOKENS, LayerLayout
 from tests import torch_export
 
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
@@ -173,11 +173,11 @@ def test_heatmaps_match_pytorch_grad_cam(case: Case):
 
 
 def test_layers_listing_shows_grid_and_layout(case: Case):
-    from onnxcam import rewrite
-    from onnxcam.graph import ModelView, infer_shapes, load_model
+    from onnxcam.model import select
+    from onnxcam.model.graph import ModelView, infer_shapes, load_model
 
     view = ModelView(infer_shapes(load_model(case.path)))
-    cands = rewrite.layer_candidates(view, rewrite.image_input(view), rewrite.find_score(view))
+    cands = select.layer_candidates(view, select.image_input(view), select.find_score(view))
     default = [c for c in cands if c.default]
     assert [c.name for c in default] == [case.explainer.layer]
     assert default[0].layout == case.spec.layout.describe()

@@ -20,7 +20,7 @@ import pytest
 from tests.test_serve import MODEL, ROOT, Server, httpx
 
 import onnxcam  # noqa: E402
-from onnxcam import render  # noqa: E402
+from onnxcam.images import render  # noqa: E402
 from PIL import Image  # noqa: E402
 
 PHOTO = ROOT / "models" / "cat_and_cup.png"
@@ -115,7 +115,7 @@ def canvas_pixels(driver) -> np.ndarray:
 
 
 def assert_overlay(got: np.ndarray, want: Image.Image):
-    """The page draws the overlay itself; it must be the one onnxcam.render.overlay draws (float rounding may
+    """The page draws the overlay itself; it must be the one onnxcam.images.render.overlay draws (float rounding may
     move a channel by one level)."""
     want = np.asarray(want, np.int16)
     assert got.shape == want.shape

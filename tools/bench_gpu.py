@@ -61,7 +61,7 @@ TARGET_RATIO = 1.15
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cuda", "tensorrt", "cpu", "auto"), default="cuda",
-                    help="onnxruntime device (onnxcam.runtime.resolve_device); torch runs on cuda for "
+                    help="onnxruntime device (onnxcam.run.runtime.resolve_device); torch runs on cuda for "
                          "cuda/tensorrt/auto-with-CUDA, else on the CPU (default cuda)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--batches", default="1,8,64", help="comma-separated batch sizes (default 1,8,64)")
@@ -94,7 +94,7 @@ def device_name(torch_device: str) -> str:
 
 
 def ort_providers(device: str, tf32: bool) -> list:
-    from onnxcam.runtime import CUDA, resolve_device
+    from onnxcam.run.runtime import CUDA, resolve_device
 
     providers = resolve_device(device)
     return [(p, {"use_tf32": "1" if tf32 else "0"}) if p == CUDA else p for p in providers]
@@ -175,8 +175,8 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     import onnxcam
-    from onnxcam import build
-    from onnxcam.runtime import CPU, node_placement, session_device
+    from onnxcam.cam import build
+    from onnxcam.run.runtime import CPU, node_placement, session_device
 
     providers = ort_providers(args.device, args.tf32)
     provider_names = [p if isinstance(p, str) else p[0] for p in providers]

@@ -10,7 +10,7 @@ exporter (opset 17, dynamic batch; --exporter dynamo for torch.export). Timing d
 
 Methods, all in one process, for the same input and the same (argmax) target per sample:
   ort-forward     plain onnxruntime forward of the exported model, with the same SessionOptions as onnxcam's
-                  session (given as `Explainer(..., session_options=)`: ORT_ENABLE_ALL as onnxcam.runtime uses, same
+                  session (given as `Explainer(..., session_options=)`: ORT_ENABLE_ALL as onnxcam.run.runtime uses, same
                   intra-op thread count, and intra-op spinning off unless --spin: two sessions' spinning thread pools
                   plus torch's OpenMP pool, interleaved on few cores, steal each other's time and inflate whichever
                   runs next)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     import onnxcam
-    from onnxcam import build
+    from onnxcam.cam import build
     from tests import torch_export
 
     if args.threads:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
 
     def options(profile_prefix=None):
-        so = ort.SessionOptions()  # what onnxcam.runtime.make_session uses ...
+        so = ort.SessionOptions()  # what onnxcam.run.runtime.make_session uses ...
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if args.threads:  # ... plus the thread count, when given
             so.intra_op_num_threads = args.threads

@@ -15,7 +15,7 @@ Target: the argmax of each sample. Timing does not depend on the weights.
 What is timed, all in one process, for the same input and targets (conventions of tools/bench_gradcam.py):
   ort-forward      plain onnxruntime forward of the exported model. Every onnxruntime session (that one and
                    all of onnxcam's, given as `Explainer(..., session_options=)`) has the same SessionOptions:
-                   ORT_ENABLE_ALL as onnxcam.runtime uses, the intra-op thread count of --threads, and intra-op
+                   ORT_ENABLE_ALL as onnxcam.run.runtime uses, the intra-op thread count of --threads, and intra-op
                    spinning off unless --spin (spinning pools of several sessions plus torch's OpenMP pool,
                    interleaved on few cores, steal each other's time and inflate whichever runs next)
   torch-forward    `model(x)` under torch.no_grad() (context for the references; the per-channel estimates)
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
             pass
 
     def options(profile_prefix=None):
-        so = ort.SessionOptions()  # what onnxcam.runtime.make_session uses ...
+        so = ort.SessionOptions()  # what onnxcam.run.runtime.make_session uses ...
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if args.threads:  # ... plus the thread count, when given
             so.intra_op_num_threads = args.threads

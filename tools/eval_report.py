@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxcam import metrics as M  # noqa: E402
-from onnxcam import render  # noqa: E402
+from onnxcam.images import render  # noqa: E402
 from onnxcam.evaluate import Evaluator, load_dataset  # noqa: E402
 
 CAM_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigencam",

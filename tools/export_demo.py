@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from onnxcam.preprocess import Preprocess, to_tensor  # noqa: E402
+from onnxcam.images.preprocess import Preprocess, to_tensor  # noqa: E402
 
 SIZE = 224
 MEAN = (127.0 / 255.0,) * 3  # TF EfficientNet-Lite MEAN_RGB = 127 on 0..255

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxcam import Explainer
-from onnxcam.preprocess import load_image, to_tensor
-from onnxcam.render import overlay, panel, save_png
+from onnxcam.images.preprocess import load_image, to_tensor
+from onnxcam.images.render import overlay, panel, save_png
 
 ROOT = Path(__file__).resolve().parents[1]
 

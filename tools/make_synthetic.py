@@ -4,7 +4,7 @@
 
 Writes
   models/synthetic/shapes_cnn.onnx   the CNN (input `image` (N, 3, 128, 128) NCHW RGB, output `logits`
-                                     (N, 4)), with `onnxcam.labels` and `onnxcam.preprocess` metadata
+                                     (N, 4)), with `onnxcam.images.labels` and `onnxcam.preprocess` metadata
   models/synthetic/eval/             held-out images shape_000.png ..., masks shape_000_mask.png and
                                      annotations.json {"shape_000.png": {"label": k, "boxes": [[x0, y0,
                                      x1, y1]], "mask": "shape_000_mask.png"}, ...} (boxes: pixel edges,

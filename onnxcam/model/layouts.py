@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import OnnxcamError
+from ..autodiff import active_tensors
+from ..errors import OnnxcamError
 from .graph import Emitter, ModelView
 
 CHANNELS_FIRST = "channels_first"
@@ -80,8 +81,6 @@ def channel_axis(view: ModelView, tensor: str, image: str, image_layout: str, li
     """The channel axis of `tensor`, found by walking back to an op whose layout the ONNX spec fixes (a
     convolution, a norm, a pool) or to the image, and replaying the Transposes met on the way. None when a
     reshape (or an unknown op) makes it ambiguous."""
-    from .autodiff import active_tensors
-
     # Any image-dependent input of a node behind `tensor` is itself behind it: a wider path gives the same walk.
     path = path if path is not None else active_tensors(view, tensor, [image])
     perms: list = []  # Transpose perms and last-axis-keeping reshapes met, latest first

@@ -7,12 +7,14 @@ import os
 import re
 import sys
 import tempfile
+import weakref
 from typing import Sequence
 
 import numpy as np
 import onnx
 
-from .errors import OnnxcamError, first_line
+from ..errors import OnnxcamError, first_line
+from ..model import safeio
 
 INSTALL_HINT = "pip install 'onnxcam[cpu]' (or 'onnxcam[gpu]' for onnxruntime-gpu)"
 try:
@@ -71,8 +73,6 @@ def inference_session(model: onnx.ModelProto, options: ort.SessionOptions | None
     with add_external_initializers were copied into onnxruntime's own memory: twice the weights at peak.)
     Only locations onnxcam checked and sealed get there; any other external reference is refused, since
     onnxruntime would resolve it against that folder or the working directory."""
-    from . import safeio
-
     sealed, stray = [], []
     for t, top in safeio.model_tensors(model):
         if safeio.is_external(t):
@@ -115,9 +115,12 @@ def inference_session(model: onnx.ModelProto, options: ort.SessionOptions | None
                            f"store its weights as external data") from None
     session = ort.InferenceSession(data, options, providers=providers)
     if keep is not None:
-        session._onnxcam_weights = keep  # external initializers must outlive the session
+        _KEPT_ALIVE[session] = keep  # external initializers must outlive the session
     return session
 
+
+# Arrays handed to onnxruntime as external initializers, per session: they must live as long as it does.
+_KEPT_ALIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 # session.model_external_initializers_file_folder_path: onnxruntime PR #23557, first released in 1.21.
 _EXTERNAL_FOLDER_OPTION = tuple(int(p) for p in re.findall(r"\d+", ort.__version__)[:2]) >= (1, 21)
@@ -287,101 +290,14 @@ def session_device(session: ort.InferenceSession) -> tuple[str, int]:
         return kind, 0
 
 
-# -- node placement -----------------------------------------------------------------------------
-def node_placement(session_or_model, providers: Sequence | None = None, feeds: dict | None = None,
-                   dynamic_dim: int = 224) -> dict[str, list[tuple[str, str]]]:
-    """Which execution provider runs each node of the (onnxruntime-optimised) graph:
-    {provider: [(node name, op type), ...]}, read from an onnxruntime profile of one run.
-
-    `session_or_model`: an onnx.ModelProto, a path or bytes, an InferenceSession (its model is reloaded) or an
-    onnxcam Explainer (its fused explain graph). `providers` default: the session's / Explainer's own, else CPU.
-    `feeds`: inputs for the profiled run; by default random data, batch 1, other dynamic dims `dynamic_dim`,
-    onnxcam's target input -1 (argmax) and sign +1. Works on every build: the profile's node events carry
-    `args.provider` and `args.op_name`."""
-    import json
-    import os
-    import tempfile
-
-    from .build import SIGN, TARGET
-    from .explainer import Explainer
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    model = session_or_model
-    if isinstance(model, Explainer):  # its providers as given (with their options), its optimisation level
-        options.graph_optimization_level = model.session.get_session_options().graph_optimization_level
-        if providers is None:
-            providers = model.providers if model.providers is not None else model.session.get_providers()
-        model = model.model
-    elif isinstance(model, ort.InferenceSession):
-        src = getattr(model, "_model_bytes", None) or getattr(model, "_model_path", None)
-        if src is None:
-            raise OnnxcamError("cannot recover the model from this InferenceSession; pass the model instead")
-        options.graph_optimization_level = model.get_session_options().graph_optimization_level
-        providers = providers if providers is not None else model.get_providers()
-        model = src
-    if isinstance(model, (bytes, str, os.PathLike)) and not isinstance(model, onnx.ModelProto):
-        from .graph import load_model
-
-        model = load_model(model)  # the same checks (external data, DAG) as every other entry point
-    elif not isinstance(model, onnx.ModelProto):
-        raise OnnxcamError(f"node_placement takes a model, a session or an Explainer, not {type(model).__name__}")
-    with tempfile.TemporaryDirectory(prefix="onnxcam-placement-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tmp, "placement")
-        try:
-            session = inference_session(model, options, resolve_providers(providers))
-        except OnnxcamError:
-            raise
-        except Exception as exc:
-            raise OnnxcamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
-        run_feeds = dict(feeds or {})
-        rng = np.random.default_rng(0)
-        for i in session.get_inputs():
-            if i.name in run_feeds:
-                continue
-            shape = [d if isinstance(d, int) else (1 if axis == 0 else dynamic_dim) for axis, d in enumerate(i.shape)]
-            dtype = _NP_TYPES.get(i.type)
-            if dtype is None:
-                raise OnnxcamError(f"input '{i.name}' has type {i.type}; pass feeds=")
-            if i.name == TARGET:
-                run_feeds[i.name] = np.full(shape, -1, np.int64)
-            elif i.name == SIGN:
-                run_feeds[i.name] = np.ones(shape, np.float32)
-            elif dtype.kind == "f":
-                run_feeds[i.name] = rng.standard_normal(shape).astype(dtype)
-            else:
-                run_feeds[i.name] = np.zeros(shape, dtype)
-        try:
-            session.run(None, run_feeds)
-        except Exception as exc:
-            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
-        with open(session.end_profiling()) as f:
-            events = json.load(f)
-    placement: dict[str, list[tuple[str, str]]] = {}
-    seen = set()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("cat") != "Node" or not name.endswith("_kernel_time"):
-            continue
-        node = name[: -len("_kernel_time")]
-        args = e.get("args", {})
-        provider = args.get("provider", "?")
-        if (node, provider) in seen:
-            continue
-        seen.add((node, provider))
-        placement.setdefault(provider, []).append((node, args.get("op_name", "?")))
-    return placement
-
-
 def ortvalue_dtype(value: ort.OrtValue) -> np.dtype:
     """numpy dtype of an OrtValue tensor ('tensor(float)' -> float32)."""
     t = value.data_type()
-    if t not in _NP_TYPES:
+    if t not in NP_TYPES:
         raise OnnxcamError(f"unsupported OrtValue type {t}")
-    return _NP_TYPES[t]
+    return NP_TYPES[t]
 
 
-_NP_TYPES = {f"tensor({k})": np.dtype(v) for k, v in (
+NP_TYPES = {f"tensor({k})": np.dtype(v) for k, v in (
     ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("int64", "int64"), ("int32", "int32"),
     ("int8", "int8"), ("uint8", "uint8"), ("bool", "bool"))}

@@ -10,15 +10,15 @@ Formulas follow pytorch-grad-cam's ScoreCAM and AblationCAM.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from . import methods
-from .errors import OnnxcamError
-from .graph import Emitter, ModelView, prune
+from ..errors import OnnxcamError
+from ..model.graph import Emitter, ModelView, prune
 
 IMAGE = "onnxcam_image"
 MASKS = "onnxcam_masks"
@@ -150,7 +150,13 @@ def _batch_if_like_singles(run: Callable[[int, int], np.ndarray], stop: int) -> 
     return batched if bool(np.all(np.abs(np.asarray(batched[:2], np.float64) - singles) <= 1e-3 * scale)) else None
 
 
-def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: int, channels: np.ndarray,
+def _explained(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """y = <W, score> of each perturbed input; W is one sample's target weights over the flattened score (a
+    one-hot for a class), so every target kind is scored the same way."""
+    return np.asarray(scores, np.float64) @ np.asarray(target, np.float64)
+
+
+def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: np.ndarray, channels: np.ndarray,
                      batch_size: int, extra_feeds: dict, progress: Progress | None = None) -> np.ndarray:
     """Softmax over the chosen channels of the target score of each masked image; 0 elsewhere.
     `image` is one sample (1, ...), `acts` its activations (C, *spatial)."""
@@ -158,7 +164,7 @@ def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: int, 
         idx = channels[start:stop]
         feeds = {IMAGE: image, MASKS: np.ascontiguousarray(acts[idx], np.float32)}
         feeds.update({k: np.repeat(v, len(idx), axis=0) for k, v in extra_feeds.items()})
-        return session.run([SCORE], feeds)[0][:, target].astype(np.float64)
+        return _explained(session.run([SCORE], feeds)[0], target)
 
     scores = _run_batches(len(channels), batch_size, run, progress)
     weights = np.zeros(acts.shape[0], np.float64)
@@ -175,7 +181,7 @@ def ablation_value(acts: np.ndarray) -> float:
     return 0.0 if lo == 0 else lo - 1e7
 
 
-def ablation_weights(session, acts: np.ndarray, original: float, target: int, channels: np.ndarray,
+def ablation_weights(session, acts: np.ndarray, original: float, target: np.ndarray, channels: np.ndarray,
                      batch_size: int, extra_feeds: dict, progress: Progress | None = None) -> np.ndarray:
     """(original - ablated) / original for the chosen channels; 0 elsewhere (as pytorch-grad-cam)."""
     value = ablation_value(acts)
@@ -186,17 +192,17 @@ def ablation_weights(session, acts: np.ndarray, original: float, target: int, ch
         batch[np.arange(len(idx)), idx] = value
         feeds = {LAYER_IN: batch}
         feeds.update({k: np.repeat(v, len(idx), axis=0) for k, v in extra_feeds.items()})
-        return session.run([SCORE], feeds)[0][:, target].astype(np.float64)
+        return _explained(session.run([SCORE], feeds)[0], target)
 
     scores = _run_batches(len(channels), batch_size, run, progress)
     weights = np.zeros(acts.shape[0], np.float64)
     if not np.isfinite(original) or not np.isfinite(scores).all():
-        raise OnnxcamError(f"Ablation-CAM: the model's score for class {target} is NaN or Inf "
+        raise OnnxcamError(f"Ablation-CAM: the explained score is NaN or Inf "
                            f"{'with a channel ablated' if np.isfinite(original) else ''}".rstrip())
     if original == 0:
         # The relative drop is undefined; every channel gets weight 0 (an empty map) rather than NaN.
-        warnings.warn(f"Ablation-CAM: the score of class {target} is exactly 0, so relative drops are undefined; "
-                      f"the map is empty", RuntimeWarning, stacklevel=2)
+        warnings.warn("Ablation-CAM: the explained score is exactly 0, so relative drops are undefined; "
+                      "the map is empty", RuntimeWarning, stacklevel=2)
         return weights.astype(np.float32)
     weights[channels] = (original - scores) / original
     return weights.astype(np.float32)

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import difflib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from .runtime import ort  # first: says what to install when onnxruntime is missing
-from . import build, layouts, methods, perturb, preprocess, rewrite
-from . import targets as target_kinds
-from .errors import OnnxcamError
-from .graph import ModelLike, ModelView, ensure_opset, infer_shapes, load_model, opset_version
+from ..cam import build, methods, perturb
+from ..cam import targets as target_kinds
+from ..errors import OnnxcamError
+from ..images import preprocess, render
+from ..images.labels import match_label
+from ..model import layouts, select
+from ..model.graph import ModelLike, ModelView, ensure_opset, infer_shapes, load_model, opset_version, prune
 from .runtime import (explicit_gpu, first_line, make_session, ortvalue_dtype, require_finite, resolve_device,
                       session_device)
 
@@ -50,8 +53,6 @@ class Explanation:
         """Sample i's heatmap in jet colours over its picture, as a PIL RGB image: the decoded photo for
         Explainer.explain_image, else the input tensor min-max scaled (onnxcam.render.tensor_image). `alpha`:
         weight of the colours (0: the picture, 1: the colours); `max_side` shrinks large pictures."""
-        from . import render
-
         n = len(self.heatmaps)
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
             raise OnnxcamError(f"sample {i!r} is out of range: the explanation has {n} sample(s)")
@@ -71,8 +72,6 @@ class Explanation:
 
     def save(self, path, i: int = 0, alpha: float = 0.5):
         """Writes `overlay(i, alpha)` to `path` (PNG, or JPEG for .jpg/.jpeg) and returns the path."""
-        from . import render
-
         render.save_png(self.overlay(i, alpha), path)
         return path
 
@@ -90,8 +89,6 @@ class Explanation:
     def _repr_png_(self):
         # Jupyter's rich display: the overlay with its title, a grid for a batch. None (a map that is not 2-D,
         # no picture) lets Jupyter fall back to the text repr.
-        from . import render
-
         shown = min(len(self.heatmaps), _DISPLAY_MAX)
         try:
             tiles = [render.panel([self.overlay(i, max_side=_DISPLAY_SIDE)], [self.title(i)]) for i in range(shown)]
@@ -161,12 +158,12 @@ class Explainer:
         inferred = infer_shapes(working)
         view = ModelView(inferred)
         self.input_names = list(view.graph_inputs)
-        self.image_input, self.score, self.layers = rewrite.resolve(view, layer, output)
+        self.image_input, self.score, self.layers = select.resolve(view, layer, output)
         self.output_name = self.score
-        self.score_is_probability = rewrite.after_sigmoid(view, self.score)
-        self.batching = rewrite.batching(inferred, view, self.image_input, self.score, batch_axis)
+        self.score_is_probability = select.after_sigmoid(view, self.score)
+        self.batching = select.batching(inferred, view, self.image_input, self.score, batch_axis)
         if self.batching.axis != 0 or self.batching.rank is not None:  # (T, N, K) CTC logits: read as (N, T, K)
-            self.score = rewrite.batch_first(inferred, self.score, self.batching.axis, self.batching.rank)
+            self.score = select.batch_first(inferred, self.score, self.batching.axis, self.batching.rank)
             view = ModelView(inferred)
         self.layer = self.layers[0]
         # A detection head: the default layers are the maps its branches fork from, and the score is a table of
@@ -193,12 +190,18 @@ class Explainer:
                                f"(use gradcam, scorecam or another method)")
         spec = build.Spec(image=self.image_input, layers=self.layers, score=self.score, method=method,
                           layout=self.layout, guided_ops=tuple(guided_ops), layer_layouts=self.layer_layouts)
-        self._spec = spec  # kept for the weighted-target graph (onnxcam.targets), built on first use
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
         self.session_options = session_options
         self.session = make_session(self.model, providers, session_options, strict=strict)
         self.num_classes = _static_classes(view, self.score)
+        score_dims = view.shape(self.score)
+        self.score_rank = None if score_dims is None else len(score_dims)
+        # The score's per-sample shape where the model fixes it (targets are checked and placed with it).
+        self.sample_shape = tuple(score_dims[1:]) if score_dims is not None and all(
+            isinstance(d, int) for d in score_dims[1:]) else None
+        self._output_names = [o.name for o in self.session.get_outputs()]
+        self._has_sign = build.SIGN in {i.name for i in self.session.get_inputs()}
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")
         self._inferred = inferred
@@ -250,15 +253,16 @@ class Explainer:
     def explain(self, inputs: np.ndarray | Mapping[str, np.ndarray], targets=None,
                 counterfactual: bool = False, aug_smooth: bool = False, eigen_smooth: bool = False,
                 channels: Sequence[int] | None = None, progress=None) -> Explanation:
-        """Explains a batch. `targets`: None (argmax), one int, or one int per sample; or target objects of
-        onnxcam.targets (IndexTarget, RegionTarget, DetectionTarget: one, or one per sample). `counterfactual`
-        negates the gradients (gradient methods). `aug_smooth`: average over flips x intensity factors
-        (pytorch-grad-cam's test-time augmentation); `eigen_smooth`: first principal component of the
-        weighted activations instead of their channel sum. `channels`: for Score-CAM / Ablation-CAM, the
-        channels to perturb (default all); `progress(n)` is called as perturbed batches finish. A class may
-        also be given by its label ('coffee mug'), see `class_index`."""
+        """Explains a batch. `targets`: None (argmax), one int or label, or one per sample; or target objects of
+        onnxcam.cam.targets (IndexTarget, RegionTarget, DetectionTarget: one, or one per sample). Every target is
+        a weighting W of the score, y = <W, score>, and runs the same way. `counterfactual` negates the
+        gradients (gradient methods). `aug_smooth`: average over flips x intensity factors (pytorch-grad-cam's
+        test-time augmentation); `eigen_smooth`: first principal component of the weighted activations instead
+        of their channel sum. `channels`: for Score-CAM / Ablation-CAM, the channels to perturb (default all);
+        `progress(n)` is called as perturbed batches finish. A class may also be given by its label ('coffee
+        mug'), see `class_index`."""
         feeds = self._feeds(inputs)
-        result = self._explain_feeds(feeds, self.class_targets(targets), counterfactual, aug_smooth, eigen_smooth,
+        result = self._explain_batch(feeds, self.class_targets(targets), counterfactual, aug_smooth, eigen_smooth,
                                      channels, progress)
         # Kept so that the result can draw itself (Explanation.overlay, its display in a notebook).
         result.extras.setdefault("input", feeds[self.image_input])
@@ -276,64 +280,143 @@ class Explainer:
         return targets
 
     def class_index(self, label: str) -> int:
-        """The class a label names, from the model's labels: an exact match first, then ignoring case and
-        surrounding spaces. A label that names several classes (ImageNet has two 'crane's) or none is an
-        OnnxcamError; none says which labels come close."""
-        labels = self.labels
-        if not labels:
+        """The class a label names, from the model's labels (onnxcam.images.labels.match_label): an exact
+        match first, then ignoring case, then the one label it is a word of ('mug' -> 'coffee mug'). A label
+        that names several classes or none is an OnnxcamError; none says which labels come close."""
+        if not self.labels:
             raise OnnxcamError(f"target '{label}' is a label, but the model has no class labels (metadata "
                                f"'{preprocess.LABELS_KEY}'); pass a class index")
-        key = label.strip().lower()
-        for same in (lambda name: name == label, lambda name: name.strip().lower() == key):
-            found = [k for k, name in enumerate(labels) if same(name)]
-            if len(found) == 1:
-                return found[0]
-            if found:
-                raise OnnxcamError(f"target '{label}' names {len(found)} classes ({', '.join(map(str, found))}); "
-                                   f"pass the class index")
-        lowered = {}
-        for name in labels:
-            lowered.setdefault(name.strip().lower(), name)
-        near = [lowered[n] for n in lowered if key and key in n.split()][:3]  # 'cat' -> 'tiger cat' ...
-        near += [lowered[n] for n in lowered if key and key in n][:3]
-        near += [lowered[n] for n in difflib.get_close_matches(key, list(lowered), n=5, cutoff=0.6)]
-        near = list(dict.fromkeys(near))[:5]
-        hint = ("; did you mean " + ", ".join(f"'{n}'" for n in near) + "?") if near else \
-            f" (Explainer.labels lists the {len(labels)})"
-        raise OnnxcamError(f"target '{label}' matches no class label{hint}")
+        return match_label(label, self.labels)
 
-    def _explain_feeds(self, feeds, targets, counterfactual, aug_smooth, eigen_smooth, channels,
+    def _explain_batch(self, feeds, targets, counterfactual, aug_smooth, eigen_smooth, channels,
                        progress) -> Explanation:
         n = feeds[self.image_input].shape[0]
         if self.batching.fixed and n > 1:  # the graph computes one sample per run
             return self._sample_by_sample(feeds, n, targets, counterfactual=counterfactual, aug_smooth=aug_smooth,
                                           eigen_smooth=eigen_smooth, channels=channels, progress=progress)
-        if target_kinds.is_target_request(targets):  # index tuples, regions, boxes: onnxcam/targets.py
-            if aug_smooth:
-                raise OnnxcamError("aug_smooth flips the image, which moves regions and boxes; use it with class "
-                                   "targets")
-            return target_kinds.explain(self, feeds, targets, counterfactual, eigen_smooth, channels, progress)
-        target_vec = self._targets(targets, n)
-        if counterfactual and self.method_info.kind == "perturbation":
+        items = target_kinds.per_sample(targets, n)
+        if counterfactual and not self.method_info.needs_gradients:
             raise OnnxcamError(f"counterfactual maps need gradients; method '{self.method}' uses none")
         if aug_smooth:
-            return self._aug_smooth(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
-        return self._explain(feeds, target_vec, counterfactual, eigen_smooth, channels, progress)
-
-    def _check_batch_rows(self, feeds) -> None:
-        try:
-            scores = target_kinds.score_values(self, feeds)
-        except Exception:
-            return
-        check_samples(scores, feeds[self.image_input].shape[0], self.output_name)
+            if not target_kinds.classic(items):
+                raise OnnxcamError("aug_smooth flips the image, which moves regions and boxes; use it with class "
+                                   "targets")
+            return self._aug_smooth(feeds, items, counterfactual, eigen_smooth, channels, progress)
+        return self._run(feeds, items, counterfactual, eigen_smooth, channels, progress)
 
     def _sample_by_sample(self, feeds, n: int, targets, **options) -> Explanation:
         if isinstance(targets, (list, tuple, np.ndarray)) and len(targets) == n:
             per = list(targets)
         else:
             per = [targets] * n
-        parts = [self.explain({k: v[s:s + 1] for k, v in feeds.items()}, per[s], **options) for s in range(n)]
+        parts = [self._explain_batch({k: v[s:s + 1] for k, v in feeds.items()}, per[s], **options)
+                 for s in range(n)]
         return concatenate(parts)
+
+    def _run(self, feeds, items, counterfactual, eigen_smooth, channels, progress) -> Explanation:
+        """The one explain loop: targets -> the weights W of y = <W, score> -> one run of the fused session ->
+        maps (in the graph, or from its outputs for the eigen and perturbation methods)."""
+        n = feeds[self.image_input].shape[0]
+        classic = target_kinds.classic(items)
+        shape = self.sample_shape if classic else self._sample_shape(feeds)
+        if not classic:
+            if shape is not None and len(shape) == 2:  # name the field a detection target left to the layout
+                items = [replace(t, field=t.field_for(shape)) if isinstance(t, target_kinds.DetectionTarget)
+                         and t.field is None else t for t in items]
+            if target_kinds.needs_scores(items, shape):
+                items = target_kinds.resolve_data_dependent(items, self._score_values(feeds),
+                                                            self.score_is_probability)
+        plan = target_kinds.plan(items, shape)
+        outs = self._run_session(feeds, plan, counterfactual)
+        scores, chosen = outs[build.SCORES], outs[build.TARGETS]
+        check_samples(scores, n, self.output_name)
+        require_finite(scores, f"the model's output '{self.output_name}'")
+        if classic and shape is None:
+            bad = (chosen < 0) | (chosen >= scores.shape[1])
+            if bad.any():
+                raise OnnxcamError(f"target {int(chosen[bad][0])} is out of range for {scores.shape[1]} classes")
+        kind = self.method_info.kind
+        if kind in ("gradient", "pixel") and not eigen_smooth:
+            maps = [outs[build.maps_name(i)] for i in range(len(self.layers))]
+            heat = outs[build.HEATMAPS]
+        else:
+            if kind == "perturbation":
+                weights = outs[build.WEIGHTS_USED].reshape(n, -1)
+                maps = [self._perturbation_maps(i, feeds, outs, weights, channels, progress)
+                        for i in range(len(self.layers))]
+            else:
+                maps = [np.maximum(methods.first_component(outs[build.weighted_name(i)]), 0)
+                        for i in range(len(self.layers))]
+            heat = self._heatmaps(maps, feeds[self.image_input])
+        for m in maps:
+            require_finite(m, "the class activation map (the model's activations or gradients)")
+        require_finite(heat, "the heatmap")
+        guided, extras = None, {}
+        if kind == "pixel":
+            guided = outs[build.GUIDED_GRADCAM if self.method == "guided-gradcam" else build.GUIDED]
+            extras["guided_backprop"] = outs[build.GUIDED]
+        r = Explanation(maps=maps[0], heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
+                        method=self.method, counterfactual=counterfactual, guided=guided,
+                        maps_per_layer=maps, extras=extras)
+        quiet = set()
+        if not classic:  # the score in its own shape, the targets as given (resolved), y per sample
+            r.scores = scores.reshape((n, *shape))
+            r.targets = np.empty(n, object)
+            r.targets[:] = items
+            r.target_scores = outs[build.TARGET_SCORES]
+            # A predicted region its class owns nowhere selects nothing: y is 0 by definition, not a layer that
+            # does not matter (the CLI says so in a note).
+            quiet = {s for s, t in enumerate(items) if isinstance(t, target_kinds.RegionTarget) and t.mask is None
+                     and not (r.scores[s].argmax(0) == t.cls).any()}
+        flag_empty(r, outs, self.layers, quiet=quiet)
+        return r
+
+    def _target_feeds(self, plan: target_kinds.Plan) -> dict:
+        """The fused graph's target inputs for a plan; absent parts are all-zero arrays that broadcast."""
+        ones = (1,) * (self.score_rank or 1)
+        return {build.TARGET: plan.index,
+                build.WEIGHTS: plan.weights if plan.weights is not None else np.zeros(ones, np.float32),
+                build.SELECT: plan.select if plan.select is not None else np.zeros(ones, bool),
+                build.GROUP: plan.group if plan.group is not None else np.zeros(ones, bool)}
+
+    def _run_session(self, feeds, plan: target_kinds.Plan, counterfactual: bool) -> dict:
+        run_feeds = dict(feeds)
+        run_feeds.update(self._target_feeds(plan))
+        if self._has_sign:
+            run_feeds[build.SIGN] = np.array([-1.0 if counterfactual else 1.0], np.float32)
+        try:
+            return dict(zip(self._output_names, self.session.run(None, run_feeds)))
+        except Exception as exc:
+            self._check_batch_rows(feeds)  # a misread batch axis fails in the seed: say that, not where it broke
+            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
+
+    def _check_batch_rows(self, feeds) -> None:
+        try:
+            scores = self._score_values(feeds)
+        except Exception:
+            return
+        check_samples(scores, feeds[self.image_input].shape[0], self.output_name)
+
+    def _sample_shape(self, feeds) -> tuple:
+        """The score's per-sample shape: static from the model, else from one forward run."""
+        return self.sample_shape if self.sample_shape is not None else tuple(self._score_values(feeds).shape[1:])
+
+    def _score_values(self, feeds) -> np.ndarray:
+        """The score (N, ...) from a forward run of the model alone (targets that depend on it)."""
+        with self._aux_lock:
+            if "probe" not in self._aux:
+                m = load_model(self._inferred)  # a private copy
+                del m.graph.output[:]
+                m.graph.output.append(onnx.helper.make_tensor_value_info(
+                    self.score, ModelView(m).elem_type(self.score), None))
+                prune(m, [self.score])
+                self._aux["probe"] = make_session(m, self.providers, self.session_options)
+            probe = self._aux["probe"]
+        needed = {i.name for i in probe.get_inputs()}
+        try:
+            return probe.run(None, {k: v for k, v in feeds.items() if k in needed})[0]
+        except Exception as exc:
+            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
 
     def explain_bound(self, inputs, targets=None, counterfactual: bool = False, to_numpy: bool = True):
         """`explain` through `session.io_binding()`: inputs (numpy arrays, or `onnxruntime.OrtValue`s already on
@@ -354,12 +437,18 @@ class Explainer:
                 raise OnnxcamError(f"targets must be an int64 OrtValue of shape ({n},)")
             target = targets
         else:
-            target = self._targets(targets, n)
+            items = target_kinds.per_sample(self.class_targets(targets), n)
+            if not target_kinds.classic(items):
+                raise OnnxcamError("explain_bound takes class targets (None, ints or labels); use explain for "
+                                   "target objects")
+            target = target_kinds.plan(items, self.sample_shape).index
         sign = np.array([-1.0 if counterfactual else 1.0], np.float32)
         binding = self.session.io_binding()
         keep = []  # the OrtValues made here must outlive the run
         inputs_of_session = {i.name for i in self.session.get_inputs()}
-        for name, value in [*checked.items(), (build.TARGET, target), (build.SIGN, sign)]:
+        plan_feeds = self._target_feeds(target_kinds.Plan(index=np.zeros(0, np.int64)))
+        plan_feeds[build.TARGET] = target
+        for name, value in [*checked.items(), *plan_feeds.items(), (build.SIGN, sign)]:
             if name not in inputs_of_session:  # the sign input exists for gradient methods only
                 continue
             if not isinstance(value, ort.OrtValue):
@@ -393,47 +482,6 @@ class Explainer:
         return Explanation(maps=maps[0], heatmaps=outs[build.HEATMAPS], scores=scores, targets=chosen, layer=self.layer, method=self.method,
                            counterfactual=counterfactual, guided=guided, maps_per_layer=maps, extras=extras)
 
-    def _explain(self, feeds, target_vec, counterfactual, eigen_smooth, channels, progress) -> Explanation:
-        feeds[build.TARGET] = target_vec
-        feeds[build.SIGN] = np.array([-1.0 if counterfactual else 1.0], np.float32)
-        try:
-            outs = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)))
-        except Exception as exc:
-            self._check_batch_rows(feeds)  # a misread batch axis fails in the seed: say that, not where it broke
-            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
-        scores, chosen = outs[build.SCORES], outs[build.TARGETS]
-        check_samples(scores, feeds[self.image_input].shape[0], self.output_name)
-        if self.num_classes is None and (target_vec >= 0).any():
-            bad = (chosen < 0) | (chosen >= scores.shape[1])
-            if bad.any():
-                raise OnnxcamError(f"target {int(chosen[bad][0])} is out of range for {scores.shape[1]} classes")
-        kind = self.method_info.kind
-        if kind in ("gradient", "pixel") and not eigen_smooth:
-            maps = [outs[build.maps_name(i)] for i in range(len(self.layers))]
-            heat = outs[build.HEATMAPS]
-        else:
-            if kind == "perturbation":
-                maps = [self._perturbation_maps(i, feeds, outs, scores, chosen, channels, progress)
-                        for i in range(len(self.layers))]
-            else:
-                maps = [np.maximum(methods.first_component(outs[build.weighted_name(i)]), 0)
-                        for i in range(len(self.layers))]
-            heat = self._heatmaps(maps, feeds[self.image_input])
-        guided, extras = None, {}
-        if kind == "pixel":
-            guided = outs[build.GUIDED_GRADCAM if self.method == "guided-gradcam" else build.GUIDED]
-            extras["guided_backprop"] = outs[build.GUIDED]
-        # Inputs were checked finite: NaN/Inf here is computed by the model itself.
-        require_finite(scores, f"the model's output '{self.output_name}'")
-        for m in maps:
-            require_finite(m, "the class activation map (the model's activations or gradients)")
-        require_finite(heat, "the heatmap")
-        r = Explanation(maps=maps[0], heatmaps=heat, scores=scores, targets=chosen, layer=self.layer,
-                        method=self.method, counterfactual=counterfactual, guided=guided,
-                        maps_per_layer=maps, extras=extras)
-        flag_empty(r, outs, self.layers)
-        return r
-
     # -- methods outside the fused graph ----------------------------------------------------
     def _postprocess(self):
         with self._aux_lock:
@@ -462,7 +510,9 @@ class Explainer:
                 self._aux[key] = make_session(g, self.providers, self.session_options)
             return self._aux[key]
 
-    def _perturbation_maps(self, i, feeds, outs, scores, chosen, channels, progress) -> np.ndarray:
+    def _perturbation_maps(self, i, feeds, outs, weights, channels, progress) -> np.ndarray:
+        """Score-CAM / Ablation-CAM maps of layer i; `weights` (N, K): each sample's W over the flattened score,
+        so that a perturbed input is scored as y = <W, score> whatever the target."""
         acts = outs[build.activations_name(i)]
         n, c = acts.shape[:2]
         chans = np.arange(c) if channels is None else np.asarray(channels, np.int64)
@@ -474,14 +524,14 @@ class Explainer:
         maps = []
         for s in range(n):
             extra = {k: v[s:s + 1] for k, v in feeds.items() if k in needed and k != self.image_input}
-            target = int(chosen[s])
+            target = weights[s]
             if self.method == "scorecam":
                 w = perturb.scorecam_weights(session, feeds[self.image_input][s:s + 1], acts[s], target, chans,
                                              batch, extra, progress)
             else:
                 if self.image_input in needed:
                     extra[self.image_input] = feeds[self.image_input][s:s + 1]
-                w = perturb.ablation_weights(session, acts[s], float(scores[s, target]), target, chans,
+                w = perturb.ablation_weights(session, acts[s], float(outs[build.TARGET_SCORES][s]), target, chans,
                                              batch, extra, progress)
             weighted = w.reshape((c,) + (1,) * (acts.ndim - 2)) * acts[s]
             maps.append(np.maximum(weighted.sum(axis=0), 0))
@@ -507,8 +557,7 @@ class Explainer:
         batch = {k: np.concatenate([v] * len(AUGMENTATIONS)) for k, v in feeds.items() if k != self.image_input}
         batch[self.image_input] = np.concatenate(
             [(np.flip(x, w_axis) if flip else x) * np.float32(f) for flip, f in AUGMENTATIONS]).astype(x.dtype)
-        r = self._explain(batch, np.concatenate([targets] * len(AUGMENTATIONS)), counterfactual, eigen_smooth,
-                          channels, progress)
+        r = self._run(batch, list(targets) * len(AUGMENTATIONS), counterfactual, eigen_smooth, channels, progress)
 
         def deaugment(a: np.ndarray) -> np.ndarray:
             parts = [np.flip(p, p.ndim - 1) if flip else p
@@ -576,28 +625,6 @@ class Explainer:
         if len(image_shape) == 0 or image_shape[0] == 0:
             raise OnnxcamError("empty batch")
         return out
-
-    def _targets(self, targets, n: int) -> np.ndarray:
-        if targets is None:
-            return np.full((n,), -1, np.int64)
-        t = np.asarray(targets)
-        if t.dtype.kind not in "iu":
-            if t.dtype.kind == "f" and np.all(np.mod(t, 1) == 0):
-                t = t.astype(np.int64)
-            else:
-                raise OnnxcamError(f"targets must be integers, got {t.dtype}")
-        t = t.astype(np.int64).reshape(-1)
-        if t.size == 1:
-            t = np.repeat(t, n)
-        if t.size != n:
-            raise OnnxcamError(f"got {t.size} targets for a batch of {n}")
-        k = self.num_classes
-        if k is not None and ((t < 0) | (t >= k)).any():
-            bad = int(t[(t < 0) | (t >= k)][0])
-            raise OnnxcamError(f"target {bad} is out of range: the score has {k} classes (0..{k - 1})")
-        if k is None and (t < 0).any():
-            raise OnnxcamError(f"target {int(t[t < 0][0])} is out of range")
-        return t
 
 
 def check_samples(scores: np.ndarray, n: int, output: str) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..graph import Emitter
+from ...model.graph import Emitter
 from .registry import Context, register
 
 BIG = 2**62

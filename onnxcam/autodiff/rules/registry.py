@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import onnx
 
-from ..graph import Dim, Emitter, ModelView, attr
+from ...model.graph import Dim, Emitter, ModelView, attr
 
 Grad = Optional[str]
 Rule = Callable[["Context", list], list]

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from .errors import OnnxcamError
+from ..errors import OnnxcamError
+from . import safeio
 
 # onnxruntime (1.17 .. 1.32) loads IR versions up to 10 reliably; newer onnx writes 11+ by default.
 MAX_IR_VERSION = 10
@@ -31,8 +32,6 @@ def load_model(model: ModelLike, base_dir: str | os.PathLike | None = None) -> o
     a ModelProto, `base_dir` when given, else none at all. Large external weights stay on disk (sealed
     references that make_session maps), so models over 2 GB load without inlining them. Graphs that are not
     DAGs are refused here: every later walk over them would never end."""
-    from . import safeio
-
     if isinstance(model, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -199,7 +198,7 @@ def _probe_ranks(model: onnx.ModelProto) -> None:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # a refused dummy size is expected, not worth a red log line
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        from .runtime import inference_session  # large weights stay on disk (mapped), not serialised
+        from ..run.runtime import inference_session  # large weights stay on disk (mapped), not serialised
 
         session = inference_session(probe, opts, ["CPUExecutionProvider"])
     except Exception:
@@ -332,11 +331,9 @@ class ModelView:
         if not name:
             return None
         if name in self.initializers:
-            from .safeio import sealed_array, sealed_location
-
             t = self.initializers[name]
-            if sealed_location(t) is not None:  # a large weight left on disk by load_model
-                return np.array(sealed_array(t))
+            if safeio.sealed_location(t) is not None:  # a large weight left on disk by load_model
+                return np.array(safeio.sealed_array(t))
             return numpy_helper.to_array(t)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":

@@ -14,10 +14,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import methods, preprocess, render
-from . import targets as target_kinds
-from .errors import OnnxcamError, first_line
-from .labels import match_label
+from ..cam import methods
+from ..cam import targets as target_kinds
+from . import inputs
+from ..images import preprocess, render
+from ..errors import OnnxcamError, first_line
+from ..images.labels import match_label
+from ..model.safeio import regular_file
 
 EXIT_USAGE = 2
 
@@ -82,8 +85,6 @@ def _tensor_inputs(paths: list[str], explainer) -> bool:
 def _load_sample(path: str, explainer) -> np.ndarray:
     """One sample from a .npy file, with the batch axis: shaped like the model input without it, or with a
     batch of 1. Shape and dtype are checked against the model by Explainer.explain."""
-    from .safeio import regular_file
-
     regular_file(path, "input", 4 * 2 ** 30)  # a FIFO would block np.load forever
     try:
         arr = np.load(path, allow_pickle=False)
@@ -213,7 +214,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
             preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, batch_axis, device,
             region=None, box=None, field=None, extra_inputs=()):
     """Write a CAM overlay PNG for each IMAGE and print the top classes."""
-    from .explainer import Explainer
+    from ..run.explainer import Explainer
 
     info = methods.get_method(method)
     method = info.name
@@ -228,7 +229,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
                      size=_parse_size(size), layout=layout.upper() if layout else None)
     tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
     paths, folder = _output_paths(list(images), out, tag)
-    from .export import guard_outputs, model_files
+    from ..cam.export import guard_outputs, model_files
 
     read = [*model_files(model), *([labels_file] if labels_file else []),
             *(e.split("=", 1)[1] for e in extra_inputs if "=" in e),
@@ -252,17 +253,17 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     if field is not None and box is None:
         _fail("--field goes with --box")
     if region is not None:  # targets beyond a class index: onnxcam/targets.py
-        target_index = target_kinds.parse_region(region, labels)
+        target_index = inputs.parse_region(region, labels)
     elif box is not None:
-        target_index = target_kinds.parse_box(box, field)
+        target_index = inputs.parse_box(box, field)
     elif target is not None and "," in target and target.replace(",", "").replace("-", "").strip().isdigit():
-        target_index = target_kinds.parse_index(target)
+        target_index = inputs.parse_index(target)
     elif target is None and explainer.is_detector:
         # A detector with no target given: its top detection's class score (the box is drawn on the overlay).
         target_index = target_kinds.DetectionTarget(None, "class")
     else:
         target_index = _resolve_target(target, labels, k)
-    other_inputs = target_kinds.load_inputs(extra_inputs, explainer)
+    other_inputs = inputs.load_inputs(extra_inputs, explainer)
     as_arrays = _tensor_inputs(images, explainer)
     if as_arrays:  # signals and volumes (or preprocessed tensors): given as they enter the model
         if panel:
@@ -276,7 +277,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     opts = dict(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
 
     def run(batch: np.ndarray, cf: bool, progress=None):
-        return explainer.explain(target_kinds.batch_feeds(explainer, batch, other_inputs), target_index,
+        return explainer.explain(inputs.batch_feeds(explainer, batch, other_inputs), target_index,
                                  counterfactual=cf, progress=progress, **opts)
 
     def run_all(cf: bool):
@@ -387,13 +388,13 @@ def _run_batched(explainer, tensors, run):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def layers(model, output_name, as_json):
     """List the feature maps Grad-CAM can use; '*' marks the default."""
-    from . import rewrite
-    from .graph import ModelView, infer_shapes, load_model
+    from ..model import select
+    from ..model.graph import ModelView, infer_shapes, load_model
 
     view = ModelView(infer_shapes(load_model(model)))
-    image = rewrite.image_input(view)
-    score = rewrite.find_score(view, output_name)
-    cands = rewrite.layer_candidates(view, image, score)
+    image = select.image_input(view)
+    score = select.find_score(view, output_name)
+    cands = select.layer_candidates(view, image, score)
     if as_json:
         click.echo(json.dumps([{"name": c.name, "op": c.op, "shape": list(c.shape), "spatial": list(c.spatial),
                                 "default": c.default, "layout": c.layout} for c in cands], indent=2))
@@ -420,7 +421,7 @@ def layers(model, output_name, as_json):
               help="Triton max_batch_size (dynamic batching when > 0).")
 def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir, triton_name, max_batch):
     """Write MODEL plus a `target` input and a `heatmap` output as one ONNX graph."""
-    from . import export
+    from ..cam import export
 
     out_path = Path(out)
     if os.path.exists(model) and os.path.realpath(out_path) == os.path.realpath(model):
@@ -477,7 +478,7 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
               max_request_mp, max_inflight_mp, max_overlay_side, header_timeout, body_timeout, keep_alive_timeout,
               max_connections, layers, method, device):
     """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
-    from . import serve
+    from .. import serve
 
     limits = serve.Limits(image_pixels=round(max_image_mp * 1e6), request_pixels=round(max_request_mp * 1e6),
                           inflight_pixels=round(max_inflight_mp * 1e6), overlay_side=max_overlay_side,
@@ -518,8 +519,8 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
     deletion/insertion, Average Drop / Increase in Confidence, ROAD, faithfulness to occlusion.
     DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
     docs/evaluation.md. Prints a summary table per method."""
-    from . import evaluate as ev
-    from .runtime import explicit_gpu, resolve_device
+    from .. import evaluate as ev
+    from ..run.runtime import explicit_gpu, resolve_device
 
     providers = resolve_device(device)
     names = [m.strip() for item in metric_names for m in item.split(",") if m.strip()] or None
@@ -528,7 +529,7 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
         _fail(f"--road-percentiles must lie strictly between 0 and 100, got '{road_percentiles}'")
     methods_list = list(dict.fromkeys(method_names)) or ["gradcam"]
     if out:
-        from .export import model_files
+        from ..cam.export import model_files
 
         ev.check_output(out, [*model_files(model), data, *ev.input_files(data)])
     if not os.path.exists(data):
@@ -563,8 +564,9 @@ def providers_cmd(model, device, method, layers, show_nodes, as_json):
     flags nodes that fell back to the CPU when a GPU provider was requested."""
     from collections import Counter
 
-    from .explainer import Explainer
-    from .runtime import CPU, node_placement
+    from ..run.explainer import Explainer
+    from ..run.placement import node_placement
+    from ..run.runtime import CPU
 
     if not os.path.exists(model):
         _fail(f"model not found: {model}")
@@ -604,7 +606,7 @@ def providers_cmd(model, device, method, layers, show_nodes, as_json):
 @click.option("--markdown", is_flag=True, help="The coverage table of docs/ops.md.")
 def ops(markdown):
     """List the ONNX ops that have a gradient rule."""
-    from .rules import coverage_markdown, supported_ops
+    from ..autodiff.rules import coverage_markdown, supported_ops
 
     if markdown:
         click.echo(coverage_markdown(), nl=False)

@@ -1,14 +1,17 @@
 """Builds the fused explain graph: forward + backward (score -> layers, and -> input for pixel methods)
-+ CAM arithmetic, as one ONNX model; plus the small auxiliary graphs some methods need.
++ CAM arithmetic, as one ONNX model; plus the small auxiliary graph of heatmaps computed outside it.
 
 Fused graph interface (batch-leading, batch dynamic):
-  inputs : the model's own inputs, `onnxcam_target` int64 (N,) (-1 = argmax of the score),
+  inputs : the model's own inputs; the target, as the weights W of y = <W, score> (onnxcam/cam/targets.py):
+           `onnxcam_target` int64 (N,) (a flat element's one-hot; -1 the argmax, -2 none), `onnxcam_weights`
+           float, `onnxcam_select` and `onnxcam_group` bool (N, *score dims, or broadcastable);
            optionally `onnxcam_sign` float (1,) (+1, or -1 for counterfactual: negated gradients)
-  outputs: `onnxcam_scores` (N, K), `onnxcam_targets` (N,), and by method kind
+  outputs: `onnxcam_scores` (N, K) (the flattened score), `onnxcam_targets` (N,) (the flat index used),
+           `onnxcam_target_scores` (N,) (y), `onnxcam_grad_peak_i` (N,) (max |dy/dA|), and by method kind
            gradient: `onnxcam_maps` (N, *layer spatial) and `onnxcam_heatmaps` (N, *input spatial),
                      per layer i `onnxcam_maps_i` and `onnxcam_weighted_i` (N, C, *spatial)
            eigen:    `onnxcam_weighted_i`
-           perturbation: `onnxcam_activations_i`
+           perturbation: `onnxcam_activations_i` and `onnxcam_weights_used` (W)
            pixel:    as gradient, plus `onnxcam_guided` (like the input) and for guided-gradcam
                      `onnxcam_guided_gradcam`
 """
@@ -19,18 +22,24 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from . import methods
-from .autodiff import active_tensors, gradient
-from .errors import OnnxcamError
-from .graph import Emitter, ModelView, ensure_opset, infer_shapes, opset_version
-from .layouts import LayerLayout, effective_rank, to_channels_first
+from .targets import ARGMAX
+from ..autodiff import active_tensors, gradient
+from ..errors import OnnxcamError
+from ..model.graph import Emitter, ModelView, ensure_opset, infer_shapes, opset_version
+from ..model.layouts import LayerLayout, effective_rank, to_channels_first
 
-TARGET = "onnxcam_target"
+TARGET = "onnxcam_target"  # int64 (N,): flat element whose one-hot is W (ARGMAX: the largest; NO_INDEX: none)
+WEIGHTS = "onnxcam_weights"  # float (N, *score dims): added to W (a region's mask)
+SELECT = "onnxcam_select"  # bool (N, *score dims): where the argmax part of W may be 1
+GROUP = "onnxcam_group"  # bool (N, *score dims): the elements that argmax compares (over axis 1)
 SIGN = "onnxcam_sign"
 SCORES = "onnxcam_scores"
 TARGETS = "onnxcam_targets"
+TARGET_SCORES = "onnxcam_target_scores"  # float (N,): y = <W, score> per sample
+WEIGHTS_USED = "onnxcam_weights_used"  # float (N, *score dims): W, for methods that score perturbed inputs
 MAPS = "onnxcam_maps"
 HEATMAPS = "onnxcam_heatmaps"
 GUIDED = "onnxcam_guided"
@@ -98,24 +107,60 @@ def prepare(model: onnx.ModelProto, spec: Spec) -> onnx.ModelProto:
     return infer_shapes(model) if opset_version(model) != before else model
 
 
-def _seed(emit: Emitter, view: ModelView, score: str, sign_input: bool) -> tuple[str, str, str]:
-    """(seed shaped like the score, score as float (N, K), resolved targets): a one-hot of the target per
-    sample, since samples do not interact and one backward pass serves the whole batch."""
+def _seed(emit: Emitter, view: ModelView, score: str, sign_input: bool):
+    """The one seed: W shaped like the score, y = <W, score> per sample (samples do not interact, so one
+    backward pass serves the whole batch). W = one-hot at the flat element `onnxcam_target` (ARGMAX: the largest;
+    NO_INDEX: none) + `onnxcam_weights` + `onnxcam_select & (score == max over axis 1 of score where
+    onnxcam_group)` (a predicted mask; an ultralytics box's best class). Returns (seed, W as float, outputs)."""
+    st = view.elem_type(score)
+    np_t = helper.tensor_dtype_to_np_dtype(st)
+    as_f = (lambda t: t) if st == TensorProto.FLOAT else (lambda t: emit.op("Cast", [t], to=TensorProto.FLOAT))
     score2d = emit.op("Reshape", [score, emit.ints([0, -1])], hint="score2d")
-    score_t = view.elem_type(score)
-    score_f = emit.op("Cast", [score2d], to=TensorProto.FLOAT, hint="scores") if score_t != TensorProto.FLOAT \
-        else score2d
     argmax = emit.op("ArgMax", [score2d], axis=1, keepdims=0, hint="argmax")
+    index = emit.op("Where", [emit.op("Equal", [TARGET, emit.const(np.array(ARGMAX, np.int64))]), argmax, TARGET],
+                    hint="target")
     zero_i = emit.const(np.array(0, np.int64), hint="zero_i")
-    target = emit.op("Where", [emit.op("Less", [TARGET, zero_i]), argmax, TARGET], hint="target")
     k = emit.op("Gather", [emit.shape_of(score2d), emit.const(np.array(1, np.int64))], axis=0)
     classes = emit.op("Range", [zero_i, k, emit.const(np.array(1, np.int64))], hint="classes")
-    onehot = emit.op("Equal", [emit.unsqueeze(classes, [0]), emit.unsqueeze(target, [1])])
-    seed2d = emit.op("Cast", [onehot], to=score_t, hint="onehot")
+    onehot = emit.op("Cast", [emit.op("Equal", [emit.unsqueeze(classes, [0]), emit.unsqueeze(index, [1])])], to=st)
+    w = emit.op("Add", [emit.op("Reshape", [onehot, emit.shape_of(score)]),
+                        WEIGHTS if st == TensorProto.FLOAT else emit.op("Cast", [WEIGHTS], to=st)], hint="weights")
+    if (view.rank(score) or 0) >= 2:
+        masked = emit.op("Where", [GROUP, score, emit.const(np.array(-np.inf, np_t), hint="neg_inf")])
+        top = emit.reduce("ReduceMax", masked, [1], keepdims=1)
+        hit = emit.op("And", [SELECT, emit.op("Equal", [score, top])], hint="argmax_hit")
+        w = emit.op("Add", [w, emit.op("Cast", [hit], to=st)], hint="weights")
+    seed = w
     if sign_input:
-        sign = emit.op("Cast", [SIGN], to=score_t) if score_t != TensorProto.FLOAT else SIGN
-        seed2d = emit.op("Mul", [seed2d, sign], hint="signed_seed")
-    return emit.op("Reshape", [seed2d, emit.shape_of(score)], hint="seed"), score_f, target
+        sign = emit.op("Cast", [SIGN], to=st) if st != TensorProto.FLOAT else SIGN
+        seed = emit.op("Mul", [w, sign], hint="signed_weights")
+    w_f = as_f(w)
+    y = emit.reduce("ReduceSum", emit.op("Reshape", [emit.op("Mul", [w_f, as_f(score)]), emit.ints([0, -1])]),
+                    [1], keepdims=0)
+    outputs = [(as_f(score2d), SCORES, TensorProto.FLOAT, ["N", "K"]), (index, TARGETS, TensorProto.INT64, ["N"]),
+               (y, TARGET_SCORES, TensorProto.FLOAT, ["N"])]
+    return seed, w_f, outputs
+
+
+def target_inputs(view: ModelView, score: str) -> list[onnx.ValueInfoProto]:
+    """The fused graph's target inputs. The weights' dims are symbolic even where the score's are static, so
+    that (N, 1, ..., 1) arrays (all zero: a class target) broadcast."""
+    rank = view.rank(score)
+    dims = None if rank is None else ["N", *[f"S{i}" for i in range(rank - 1)]]
+    return [helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(WEIGHTS, TensorProto.FLOAT, dims),
+            helper.make_tensor_value_info(SELECT, TensorProto.BOOL, dims),
+            helper.make_tensor_value_info(GROUP, TensorProto.BOOL, dims)]
+
+
+def weights_as_constants(model: onnx.ModelProto, rank: int) -> None:
+    """An exported graph keeps only its class index input: zero weights and no selection become constants."""
+    zeros = {WEIGHTS: np.zeros([1] * rank, np.float32), SELECT: np.zeros([1] * rank, bool),
+             GROUP: np.zeros([1] * rank, bool)}
+    keep = [i for i in model.graph.input if i.name not in zeros]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in zeros.items())
 
 
 def _as_float(emit: Emitter, view: ModelView, name: str, like: str) -> str:
@@ -124,11 +169,8 @@ def _as_float(emit: Emitter, view: ModelView, name: str, like: str) -> str:
 
 
 def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool = True,
-                        keep_outputs: bool = False, weights_axis: int | None = None) -> onnx.ModelProto:
+                        keep_outputs: bool = False) -> onnx.ModelProto:
     """Rewrites a (shape-inferred, private) copy of `model` into the fused explain graph described above.
-    `weights_axis` set: the seed is a per-sample weight tensor over the score instead of the one-hot
-    (inputs `onnxcam_weights`/`_select`/`_group`, outputs the score in its own shape and
-    `onnxcam_target_scores`; see onnxcam/targets.py, whose in-graph argmax runs over that axis).
     `model` itself is left untouched: callers keep it for the other graphs they derive from it."""
     method = methods.get_method(spec.method)
     private = onnx.ModelProto()
@@ -155,17 +197,12 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
         emit.op("Identity", [tensor], outputs=[name])
         outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    if weights_axis is None:
-        seed, score_f, target = _seed(emit, view, spec.score, sign_input)
-        output(score_f, SCORES, f32, ["N", "K"])
-        output(target, TARGETS, TensorProto.INT64, ["N"])
-        target_inputs = [helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"])]
-    else:
-        from .targets import weighted_seed
-
-        seed, target_outputs, target_inputs = weighted_seed(emit, view, spec.score, weights_axis, sign_input)
-        for tensor, name, elem_type, shape in target_outputs:
-            output(tensor, name, elem_type, shape)
+    seed, w_f, seed_outputs = _seed(emit, view, spec.score, sign_input)
+    for tensor, name, elem_type, shape in seed_outputs:
+        output(tensor, name, elem_type, shape)
+    if method.kind == "perturbation":
+        output(w_f, WEIGHTS_USED, f32, None)
+    target_inputs_ = target_inputs(view, spec.score)
     layer_dims = [["N", f"C{i}", *[f"h{i}_{d}" for d in range(r - 2)]] for i, r in enumerate(ranks)]
     image_dims = ["N", *[f"H{d}" for d in range(image_rank - 2)]]
 
@@ -215,7 +252,7 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
                 output(emit.op("Mul", [guided, up]), GUIDED_GRADCAM, f32, in_shape)
     emit.commit(model)
 
-    graph.input.extend(target_inputs)
+    graph.input.extend(target_inputs_)
     if sign_input:
         graph.input.append(helper.make_tensor_value_info(SIGN, TensorProto.FLOAT, [1]))
     if not keep_outputs:

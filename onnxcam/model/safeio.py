@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import OnnxcamError
+from ..errors import OnnxcamError
 
 # protobuf cannot parse a message over 2 GiB; the model file itself must be below that (weights go external).
 MAX_MODEL_BYTES = 2 ** 31 - 1

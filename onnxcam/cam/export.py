@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import build, layouts, methods, rewrite, safeio
-from .errors import OnnxcamError
-from .graph import Emitter, ModelLike, ModelView, infer_shapes, load_model, prune
+from ..errors import OnnxcamError
+from ..model import layouts, safeio, select
+from ..model.graph import Emitter, ModelLike, ModelView, infer_shapes, load_model, prune
+from . import build, methods
 
 _TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.DOUBLE: "TYPE_FP64",
                  TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.UINT8: "TYPE_UINT8",
@@ -41,7 +42,7 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
     source = load_model(model)
     inferred = infer_shapes(source)
     view = ModelView(inferred)
-    image, score, layers = rewrite.resolve(view, layer, output)
+    image, score, layers = select.resolve(view, layer, output)
     for name in (target_name, heatmap_name):
         if view.has_tensor(name) or name in view.graph_inputs:
             raise OnnxcamError(f"the model already has a tensor named '{name}'")
@@ -51,6 +52,7 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
     spec = build.Spec(image=image, layers=layers, score=score, method=method, layout=layout,
                       layer_layouts=layer_layouts)
     m = build.build_explain_graph(inferred, spec, sign_input=False, keep_outputs=True)
+    build.weights_as_constants(m, view.rank(score) or 1)
 
     emit = Emitter.for_model(m)
     if heatmap_size == "input":
@@ -118,8 +120,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
     proto over protobuf's 2 GB limit, the weights go to `<path>.data` next to it, streamed from their source
     files rather than gathered in memory. `inputs`: files the command read; neither written file may be one
     of them (or a link to one). `model` itself is not changed."""
-    from . import safeio
-
     path = Path(path)
     if not path.parent.is_dir():
         raise OnnxcamError(f"cannot write {path}: directory {path.parent} does not exist")
@@ -154,8 +154,6 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike,
 def _write_external(model: onnx.ModelProto, data_file: Path, location: str) -> None:
     """Moves every large main-graph initializer of `model` (in place) into `data_file`, referenced as
     `location` relative to the model: sealed ones are copied from their source in chunks."""
-    from . import safeio
-
     align = 4096  # page-aligned offsets: onnxruntime can map them
     with open(data_file, "wb") as f:
         for t in model.graph.initializer:
@@ -200,8 +198,6 @@ def guard_outputs(outputs, inputs) -> None:
 
 def model_files(model, loaded: onnx.ModelProto | None = None) -> list[str]:
     """The files a model given as `model` is read from: the model file and its external-data files."""
-    from . import safeio
-
     files = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
     if loaded is not None:
         for t in loaded.graph.initializer:

@@ -11,8 +11,8 @@ import onnx
 from onnx import TensorProto
 
 from . import rules
-from .errors import OnnxcamError, UnsupportedOpError
-from .graph import Emitter, ModelView, ancestors, node_label, subgraph_reads
+from ..errors import OnnxcamError, UnsupportedOpError
+from ..model.graph import Emitter, ModelView, ancestors, node_label, subgraph_reads
 from .rules.registry import Context, lookup
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}

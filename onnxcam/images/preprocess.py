@@ -48,7 +48,8 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from onnxcam.errors import OnnxcamError
+from ..errors import OnnxcamError
+from ..model.safeio import MAX_MODEL_BYTES, regular_file
 
 __all__ = [
     "Preprocess",
@@ -188,8 +189,6 @@ def load_image(path_or_pil: ImageSource) -> Image.Image:
         raise OnnxcamError(f"image not found: {path}")
     if path.is_dir():
         raise OnnxcamError(f"cannot read image {path}: it is a directory")
-    from .safeio import regular_file
-
     # A FIFO blocks the open, /dev/zero never ends: regular files of a bounded size only.
     regular_file(path, "image", MAX_IMAGE_BYTES)
     try:
@@ -334,8 +333,6 @@ def model_metadata(model: Any) -> dict[str, Any]:
     """
     if isinstance(model, (str, os.PathLike)):
         import onnx
-
-        from .safeio import MAX_MODEL_BYTES, regular_file
 
         regular_file(model, "model", MAX_MODEL_BYTES)  # a FIFO would block the load forever
         try:
@@ -649,8 +646,6 @@ def labels_from_file(path: str | os.PathLike[str]) -> list[str]:
         raise OnnxcamError(f"labels file not found: {p}")
     if p.is_dir():
         raise OnnxcamError(f"cannot read labels file {p}: it is a directory")
-    from .safeio import regular_file
-
     regular_file(p, "labels file", MAX_METADATA_CHARS * 4)
     try:
         text = p.read_text(encoding="utf-8-sig")

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
-from .errors import OnnxcamError
-from .graph import Dim, ModelView, attr as attr_of
+from ..autodiff import active_tensors
+from ..errors import OnnxcamError
+from . import layouts
+from .graph import Dim, Emitter, ModelView, attr as attr_of, prune, weightless_copy
 
 # Ops that follow a softmax output without changing what it means.
 _PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
@@ -85,8 +87,6 @@ def after_sigmoid(view: ModelView, score: str) -> bool:
 
 def path_tensors(view: ModelView, source: str, sink: str) -> set[str]:
     """Float tensors that depend on `source` and feed `sink`."""
-    from .autodiff import active_tensors
-
     return active_tensors(view, sink, [source])
 
 
@@ -353,8 +353,6 @@ def _nearest_back(view: ModelView, start: str, path: set[str], pred) -> str | No
 
 def layer_candidates(view: ModelView, image: str, score: str) -> list[LayerCandidate]:
     """Every spatial tensor (rank >= 3, produced by a node) between the image and the score, in graph order."""
-    from . import layouts
-
     path = path_tensors(view, image, score)
     try:
         chosen = set(default_layers(view, image, score))
@@ -436,8 +434,6 @@ def _symbol_axis(model, image: str, score: str) -> int | None:
     the axis where it lands (None when it is lost on the way, e.g. behind a constant-shape Reshape)."""
     from onnx import shape_inference
 
-    from .graph import weightless_copy
-
     probe = weightless_copy(model)
     for vi in probe.graph.input:
         if vi.name == image and vi.type.tensor_type.shape.dim:
@@ -493,8 +489,6 @@ def _probe_shape(model, view: ModelView, image: str, score: str) -> tuple | None
     import onnx
     from onnx import helper
 
-    from .graph import prune
-
     feeds = {}
     for name in view.graph_inputs:
         dims = view.shape(name)
@@ -516,7 +510,7 @@ def _probe_shape(model, view: ModelView, image: str, score: str) -> tuple | None
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        from .runtime import inference_session  # weights load_model left on disk: mapped, not serialised
+        from ..run.runtime import inference_session  # weights load_model left on disk: mapped, not serialised
 
         session = inference_session(m, opts, ["CPUExecutionProvider"])
         return tuple(session.run(None, {k: v for k, v in feeds.items()
@@ -530,8 +524,6 @@ def batch_first(model, score: str, axis: int, rank: int | None = None) -> str:
     downstream (seeds, targets, perturbation scores) then reads (N, ...) as for any classifier. `rank`: the
     score's real rank where its declared shape is wrong (those dims are then unknown)."""
     from onnx import helper
-
-    from .graph import Emitter
 
     view = ModelView(model)
     shape = view.shape(score) if rank is None else [None] * rank

@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import OnnxcamError
-from .graph import Emitter
+from ..errors import OnnxcamError
+from ..model.graph import Emitter
 
 Weighting = Callable[[Emitter, str, str, int], str]
 
