@@ -88,3 +88,33 @@ def test_folder_with_a_dot_still_works(tmp_path):
     assert res.exit_code == 0, res.output
     assert len(list(folder.iterdir())) == 2
     np.testing.assert_array_equal(*[np.asarray(Image.open(p)) for p in sorted(folder.iterdir())])
+
+
+def test_layers_lists_layouts_and_no_1x1_maps(capsys):
+    assert main(["layers", MODEL]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines and all(line.rstrip().endswith("]") for line in lines)  # every row names its layout
+    assert "[channels-first]" in lines[0]
+    assert not any("spatial 1x1" in line for line in lines)
+
+
+def test_status_line_names_the_options_and_what_was_used(tmp_path, capsys):
+    assert main(["explain", MODEL, CAT, "--counterfactual", "--eigen-smooth", "-o", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert "gradcam (counterfactual) (eigen-smooth) for class" in out
+    assert main(["explain", MODEL, CAT, "--method", "guided-backprop", "-o", str(tmp_path / "b.png")]) == 0
+    out = capsys.readouterr().out
+    assert "from the input gradient" in out and "at layer" not in out
+
+
+def test_counterfactual_needs_a_gradient_method(tmp_path, capsys):
+    assert main(["explain", MODEL, CAT, "--counterfactual", "--method", "eigencam", "-o", str(tmp_path / "c.png")]) == 2
+    assert "counterfactual" in capsys.readouterr().err
+    with pytest.raises(OnnxcamError, match="counterfactual maps need gradients"):
+        onnxcam.Explainer(MODEL, method="eigencam").explain_image(CAT, counterfactual=True)
+
+
+def test_layer_lists_may_be_comma_separated(tmp_path, capsys):
+    layer = onnxcam.Explainer(MODEL).layer
+    assert main(["explain", MODEL, CAT, "--layer", f"{layer},{layer}", "-o", str(tmp_path / "d.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"] == [layer, layer]

@@ -247,9 +247,12 @@ def main(argv=None) -> int:
 
             raw = explainer.session.io_binding()
             sign = ort.OrtValue.ortvalue_from_numpy(np.ones((1,), np.float32), dev, dev_id)
+            no_weights = {name: ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((1, 1), np.float32 if name == build.WEIGHTS else bool), dev, dev_id)
+                for name in (build.WEIGHTS, build.SELECT, build.GROUP)}  # a class target: no other weights
             for i in explainer.session.get_inputs():
-                raw.bind_ortvalue_input(i.name, {explainer.image_input: xv, build.TARGET: tv,
-                                                 build.SIGN: sign}[i.name])
+                raw.bind_ortvalue_input(i.name, {explainer.image_input: xv, build.TARGET: tv, build.SIGN: sign,
+                                                 **no_weights}[i.name])
             for o in explainer.session.get_outputs():
                 raw.bind_output(o.name, dev, dev_id)
 

@@ -121,6 +121,8 @@ def main(argv=None) -> int:
                 raw_feeds[i.name] = t_arr
             elif i.name == build.SIGN:
                 raw_feeds[i.name] = np.ones((1,), np.float32)
+            elif i.name in (build.WEIGHTS, build.SELECT, build.GROUP):  # a class target: no other weights
+                raw_feeds[i.name] = np.zeros((1, 1), np.float32 if i.name == build.WEIGHTS else bool)
             else:
                 raise SystemExit(f"unexpected input {i.name} of the fused session")
         gc_targets = [ClassifierOutputTarget(t) for t in targets]

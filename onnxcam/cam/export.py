@@ -24,10 +24,6 @@ _TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16
                  TensorProto.INT8: "TYPE_INT8", TensorProto.BOOL: "TYPE_BOOL", TensorProto.BFLOAT16: "TYPE_BF16"}
 
 
-def exportable_methods() -> list[str]:
-    return [name for name, m in methods.METHODS.items() if m.kind == "gradient"]
-
-
 def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_size: str = "input",
                  output: str | None = None, layout: str | None = None, target_name: str = "target",
                  heatmap_name: str = "heatmap", inline_weights: bool = True) -> onnx.ModelProto:
@@ -36,7 +32,7 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
     puts them in `<output>.data`. Otherwise the result is a self-contained ModelProto for onnx.save."""
     if methods.get_method(method).kind != "gradient":
         raise OnnxcamError(f"method '{method}' cannot be exported as one graph (it needs numpy or many forward "
-                           f"passes); exportable: {', '.join(exportable_methods())}")
+                           f"passes); exportable: {', '.join(methods.exportable_methods())}")
     if heatmap_size not in ("input", "layer"):
         raise OnnxcamError(f"--heatmap-size must be 'input' or 'layer', got '{heatmap_size}'")
     source = load_model(model)

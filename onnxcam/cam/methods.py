@@ -123,6 +123,11 @@ _register("guided-gradcam", "pixel", relu_mode="guided",
           help="Guided Grad-CAM: guided backprop times the bilinearly upsampled Grad-CAM")
 
 
+def exportable_methods() -> list[str]:
+    """The methods whose whole map one ONNX graph computes (onnxcam export, explain_bound)."""
+    return [name for name, m in METHODS.items() if m.kind == "gradient"]
+
+
 def cam_from_weighted(emit: Emitter, weighted: str) -> str:
     """ReLU(sum over channels): the map (N, *spatial)."""
     return emit.op("Relu", [emit.reduce("ReduceSum", weighted, [1], keepdims=0)], hint="cam")

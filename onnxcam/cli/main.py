@@ -20,6 +20,7 @@ from . import inputs
 from ..images import preprocess, render
 from ..errors import OnnxcamError, first_line
 from ..images.labels import match_label
+from ..cam.methods import exportable_methods
 from ..model.safeio import regular_file
 
 EXIT_USAGE = 2
@@ -177,7 +178,7 @@ def cli() -> None:
 @click.option("-o", "--output", "out", help="Output PNG (one image) or directory [default: onnxcam-out/].")
 @click.option("--layer", "layers", multiple=True,
               help="ONNX tensor to explain (default: the last spatial feature map; see `onnxcam layers`). "
-                   "Repeat to average several layers.")
+                   "Repeat, or separate with commas, to average several layers.")
 @click.option("--target", help="Class index or label to explain (default: the top-scoring class), or an index "
                                 "tuple into one sample's output, e.g. 0,3,5 (see docs/targets.md).")
 @click.option("--region", help="Segmentation: CLASS[:MASK.png], class CLASS's logits summed over the mask (nonzero "
@@ -220,7 +221,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     method = info.name
     if panel and method not in ("gradcam", "guided-gradcam", "guided-backprop"):
         _fail("--panel shows Grad-CAM with Guided Backprop (the paper's Figure 1); use it with --method gradcam")
-    if counterfactual and info.kind == "perturbation":
+    if counterfactual and not info.needs_gradients:
         _fail(f"--counterfactual needs gradients; method '{method}' uses none")
     for img in images:
         if not os.path.exists(img):
@@ -235,7 +236,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
             *(e.split("=", 1)[1] for e in extra_inputs if "=" in e),
             *([region.split(":", 1)[1]] if region and ":" in region else [])]
     guard_outputs(paths, read)
-    explainer = Explainer(model, layer=list(layers) or None, method="guided-gradcam" if panel else method,
+    explainer = Explainer(model, layer=_layer_names(layers), method="guided-gradcam" if panel else method,
                           output=output_name, batch_size=batch_size, device=device, batch_axis=batch_axis)
     model_outputs = [o.name for o in explainer.source_model.graph.output]
     if folder is not None and out is not None and out in model_outputs:
@@ -341,11 +342,14 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     if as_json:
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return
+    options = "".join(f" ({name})" for name, on in (("counterfactual", counterfactual and not panel),
+                                                     ("aug-smooth", aug_smooth), ("eigen-smooth", eigen_smooth)) if on)
     for rec in records:
         what = f"{rec['target']} (score {rec['target_score']:.4f})" if "target_score" in rec else \
             f"class {rec['target']} ({rec['target_label']})"
-        click.echo(f"{rec['image']}: {method} for {what} at layer "
-                   f"{', '.join(rec['layers'])} -> {rec['output']} [{rec['provider']}]")
+        where = "from the input gradient" if method in ("guided-backprop", "deconvnet") else \
+            f"at layer {', '.join(rec['layers'])}"
+        click.echo(f"{rec['image']}: {method}{options} for {what} {where} -> {rec['output']} [{rec['provider']}]")
         if "note" in rec:
             click.echo(f"onnxcam: note: {rec['image']}: {rec['note']}", err=True)
         for w in rec["warnings"]:
@@ -353,6 +357,12 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         for rank, entry in enumerate(rec["top"], 1):
             click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
                        f"p={entry['probability']:.4f}")
+
+
+def _layer_names(layers) -> list[str] | None:
+    """--layer, repeated or comma-separated."""
+    names = [name.strip() for value in layers for name in value.split(",") if name.strip()]
+    return names or None
 
 
 def _draw_box(picture, scores: np.ndarray, t, tensor_shape, layout: str) -> None:
@@ -402,15 +412,16 @@ def layers(model, output_name, as_json):
     click.echo(f"input: {image}   score: {score}")
     fmt = lambda dims: "x".join("?" if d is None else str(d) for d in dims)  # noqa: E731
     for c in cands:
-        layout = "" if c.layout == "channels-first" else f"  [{c.layout}]"
+        layout = f"  [{c.layout}]"
         click.echo(f"{'*' if c.default else ' '} {c.name}  {c.op}  {fmt(c.shape)}  spatial {fmt(c.spatial)}{layout}")
 
 
 @cli.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, help="Where to write the explainable ONNX model.")
-@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
-@click.option("--method", default="gradcam", show_default=True, help="A gradient CAM method.")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain, repeated or comma-separated (default: automatic).")
+@click.option("--method", default="gradcam", show_default=True,
+              help=f"A gradient CAM method (the ones one graph computes): {', '.join(exportable_methods())}.")
 @click.option("--heatmap-size", type=click.Choice(["input", "layer"]), default="input", show_default=True,
               help="Heatmap at the input's resolution, or at the layer's.")
 @click.option("--output-name", "output_name", help="Model output to explain (default: the first).")
@@ -428,7 +439,7 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
         _fail("the output would overwrite the input model")
     # The model's external-data files are inputs too: writing over one corrupts the model silently.
     export.guard_outputs([out_path], export.model_files(model))
-    exported = export.export_model(model, layer=list(layers) or None, method=method, heatmap_size=heatmap_size,
+    exported = export.export_model(model, layer=_layer_names(layers), method=method, heatmap_size=heatmap_size,
                                    output=output_name, inline_weights=False)  # external weights stay external
     inputs = export.model_files(model, exported)
     export.save_model(exported, out_path, inputs)
@@ -471,7 +482,7 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
               help="Seconds an idle connection is kept open.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, None),
               help="Open connections; requests beyond are answered 503.")
-@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain, repeated or comma-separated (default: automatic).")
 @click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
 @_device_option
 def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, max_image_mp,
@@ -484,7 +495,7 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
                           inflight_pixels=round(max_inflight_mp * 1e6), overlay_side=max_overlay_side,
                           body_timeout=body_timeout)
     serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
-              max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=list(layers) or None, method=method,
+              max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=_layer_names(layers), method=method,
               device=device, limits=limits, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
               max_connections=max_connections)
 
@@ -495,7 +506,7 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
 @click.option("--method", "method_names", multiple=True,
               help="Method to evaluate; repeat for several [default: gradcam]. Also the controls 'random' "
                    "(smooth noise) and 'center' (a centred Gaussian).")
-@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain, repeated or comma-separated (default: automatic).")
 @click.option("--metrics", "metric_names", multiple=True,
               help="Comma-separated or repeated [default: all]: localization, pointing, deletion, insertion, "
                    "drop, road, occlusion.")
@@ -534,7 +545,7 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
         ev.check_output(out, [*model_files(model), data, *ev.input_files(data)])
     if not os.path.exists(data):
         _fail(f"data not found: {data}")
-    evaluator = ev.Evaluator(model, methods_list, layer=list(layers) or None, metrics=names, batch_size=batch_size,
+    evaluator = ev.Evaluator(model, methods_list, layer=_layer_names(layers), metrics=names, batch_size=batch_size,
                              steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
                              preset=preset, size=_parse_size(size), providers=providers,
                              strict_device=explicit_gpu(device))
@@ -556,7 +567,7 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
 @click.argument("model", type=click.Path(dir_okay=False))
 @_device_option
 @click.option("--method", default="gradcam", show_default=True, help="Method whose explain graph is placed.")
-@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain (default: automatic).")
+@click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain, repeated or comma-separated (default: automatic).")
 @click.option("--nodes", "show_nodes", is_flag=True, help="Also list every node: provider, op type, name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
 def providers_cmd(model, device, method, layers, show_nodes, as_json):
@@ -570,7 +581,7 @@ def providers_cmd(model, device, method, layers, show_nodes, as_json):
 
     if not os.path.exists(model):
         _fail(f"model not found: {model}")
-    explainer = Explainer(model, layer=list(layers) or None, method=method, device=device)
+    explainer = Explainer(model, layer=_layer_names(layers), method=method, device=device)
     placement = node_placement(explainer)
     requested = explainer.session.get_providers()
     gpu = requested[0] != CPU

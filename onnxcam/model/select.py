@@ -62,19 +62,26 @@ def find_score(view: ModelView, output: str | None = None) -> str:
         if not view.graph_outputs:
             raise OnnxcamError("model has no outputs")
         output = view.graph_outputs[0]
+        # Several heads (MTCNN: boxes, landmarks, face probability): the one that ends in a softmax is the
+        # classifier a person explains, whichever comes first.
+        softmaxed = [o for o in view.graph_outputs if _before_softmax(view, o) is not None]
+        if len(view.graph_outputs) > 1 and len(softmaxed) == 1:
+            output = softmaxed[0]
     elif output not in view.graph_outputs and output not in view.producer:
         raise OnnxcamError(f"unknown output '{output}'; model outputs: {', '.join(view.graph_outputs)}")
+    return _before_softmax(view, output) or output
+
+
+def _before_softmax(view: ModelView, output: str) -> str | None:
+    """The input of the Softmax/LogSoftmax that `output` is (behind pass-through ops), else None."""
     t = output
-    while True:
-        node = view.producer.get(t)
-        if node is None:
-            return output
+    while (node := view.producer.get(t)) is not None:
         if node.op_type in _SOFTMAX:
             return node.input[0]
-        if node.op_type in _PASS_THROUGH:
-            t = node.input[0]
-            continue
-        return output
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        t = node.input[0]
+    return None
 
 
 def after_sigmoid(view: ModelView, score: str) -> bool:
@@ -143,7 +150,7 @@ def _head_input(view: ModelView, image: str, score: str, path: set[str]) -> str 
         x = _main_input(view, node, path)
         if x is None:
             return None
-        if node.op_type in ("Conv", "ConvTranspose"):
+        if node.op_type == "Conv":  # a ConvTranspose upsamples a decoder's map (PP-OCR's DB head): walk on
             while (p := view.producer.get(x)) is not None and p.op_type in _SKIP_BACK:
                 nxt = _main_input(view, p, path)
                 if nxt is None or nxt == image:
@@ -154,6 +161,21 @@ def _head_input(view: ModelView, image: str, score: str, path: set[str]) -> str 
             return None
         t = x
     return None
+
+
+def _batch_first_map(view: ModelView, t: str, image: str, path: set[str]) -> str:
+    """A map permuted to put time first ((W, N, C, H) before a CRNN's LSTM) has lost its batch-first layout:
+    the map is the Transpose's input."""
+    while (p := view.producer.get(t)) is not None and p.op_type == "Transpose" \
+            and list(attr_of(p, "perm") or [0])[0] != 0 and p.input[0] in path and p.input[0] != image:
+        t = p.input[0]
+    return t
+
+
+def _has_positions(view: ModelView, t: str) -> bool:
+    """A map with more than one position (not a pooled (N, C, 1, 1) vector)."""
+    shape = view.shape(t)
+    return shape is not None and any(d != 1 for d in shape[2:])
 
 
 def _topo_order(view: ModelView) -> dict[str, int]:
@@ -280,6 +302,11 @@ def default_layer(view: ModelView, image: str, score: str) -> str:
                 and (not sequence or _true_map(view, t, image, path)):
             first_spatial = t
         sequence = sequence or node.op_type in _SEQUENCE_HEADS
+        if node.op_type in ("Conv", "ConvTranspose") and first_spatial is not None and _has_positions(
+                view, first_spatial):
+            # A conv before anything collapsed the map (conv -> Flatten -> dense, MTCNN's O-Net): its map is the
+            # last one; pooling further back belongs to earlier blocks.
+            return _batch_first_map(view, first_spatial, image, path)
         if (node.op_type not in _RESHAPES and xs is not None and 3 <= len(xs) <= max_rank
                 and _per_sample_size(view.shape(t)) < _per_sample_size(xs)):
             if node.op_type in _POOLING:
@@ -297,12 +324,7 @@ def default_layer(view: ModelView, image: str, score: str) -> str:
             return first_spatial if first_spatial is not None else t
         t = x
     if first_spatial is not None:
-        # A map permuted to put time first ((W, N, C, H) before a CRNN's LSTM) has lost its batch-first
-        # layout: the map is the Transpose's input.
-        while (p := view.producer.get(first_spatial)) is not None and p.op_type == "Transpose" \
-                and list(attr_of(p, "perm") or [0])[0] != 0 and p.input[0] in path and p.input[0] != image:
-            first_spatial = p.input[0]
-        return first_spatial
+        return _batch_first_map(view, first_spatial, image, path)
     raise OnnxcamError("cannot choose the target layer automatically (no spatial feature map found on the "
                        "way to the score); pass --layer NAME (see `onnxcam layers MODEL`)")
 
@@ -370,6 +392,9 @@ def layer_candidates(view: ModelView, image: str, score: str) -> list[LayerCandi
                     layout = layouts.layer_layout(view, o, image, image_layout, path=path)
                 except OnnxcamError:
                     continue  # tokens that tile no grid: not a map
+                spatial = tuple(layouts.spatial_dims(layout, list(shape)))
+                if spatial and all(d == 1 for d in spatial):
+                    continue  # a 1x1 map (a pooled vector) has no positions to highlight: its map is blank
                 out.append(LayerCandidate(o, node.op_type, tuple(shape),
                                           tuple(layouts.spatial_dims(layout, list(shape))), o in chosen,
                                           layout.describe()))
