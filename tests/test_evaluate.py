@@ -200,3 +200,57 @@ def test_nhwc_model_scores_like_its_nchw_twin(folder, tmp_path):
             assert ra[key] == rb[key], key
         for key in ("deletion_auc", "drop"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-4), key
+
+
+PROGRESS = r"onnxcam: evaluate: (\d+)/(\d+) (images|\(image, method\) pairs) \((\d+\.\d) s(?:, ETA (\d+) s)?\)"
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(folder, capsys):
+    import re
+
+    code, _, stderr = run_cli(capsys, "evaluate", MODEL, folder, "--metrics", "deletion", "--steps", "2")
+    assert code == 0, stderr
+    found = [re.fullmatch(PROGRESS, ln) for ln in stderr.splitlines() if ln.startswith("onnxcam: evaluate:")]
+    assert found and all(found), stderr
+    # 4 images, one method: every image is a further 10%, so one line each; the last has no ETA
+    assert [(int(m[1]), int(m[2]), m[3]) for m in found] == [(i, 4, "images") for i in range(1, 5)]
+    assert all(m[5] is not None for m in found[:-1]) and found[-1][5] is None
+    assert [float(m[4]) for m in found] == sorted(float(m[4]) for m in found)
+    code, _, stderr = run_cli(capsys, "evaluate", MODEL, folder, "--metrics", "drop", "--method", "gradcam",
+                              "--method", "center")
+    counts = [re.fullmatch(PROGRESS, ln) for ln in stderr.splitlines() if ln.startswith("onnxcam: evaluate:")]
+    assert code == 0 and [(int(m[1]), int(m[2]), m[3]) for m in counts] == [(i, 8, "(image, method) pairs")
+                                                                           for i in range(1, 9)]
+
+
+def test_progress_bar_and_no_lines_on_a_terminal(folder, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, _, stderr = run_cli(capsys, "evaluate", MODEL, folder, "--metrics", "drop")
+    assert code == 0, stderr
+    assert "evaluating on" in stderr and "\r" in stderr and "100%" in stderr  # click's bar, redrawn in place
+    assert "onnxcam: evaluate:" not in stderr
+
+
+def test_progress_lines_every_tenth_or_every_interval():
+    import io
+
+    now = [0.0]
+    out = io.StringIO()
+    lines = ev.ProgressLines(1000, out, every=30.0, clock=lambda: now[0])
+    for _ in range(1000):
+        now[0] += 0.5  # 10% = 100 ticks = 50 s: the 30 s interval comes first
+        lines(1)
+    got = out.getvalue().splitlines()
+    assert got[0] == "onnxcam: evaluate: 60/1000 images (30.0 s, ETA 470 s)"
+    assert got[1] == "onnxcam: evaluate: 100/1000 images (50.0 s, ETA 450 s)"  # the 10% mark
+    assert got[2] == "onnxcam: evaluate: 160/1000 images (80.0 s, ETA 420 s)"
+    assert got[-1] == "onnxcam: evaluate: 1000/1000 images (500.0 s)"
+    # every 10% mark, and one line 30 s after each mark (60 ticks later) before the next mark comes
+    assert [int(ln.split()[2].split("/")[0]) for ln in got] == sorted([*range(60, 1000, 100), *range(100, 1001, 100)])
+    fast = io.StringIO()
+    lines = ev.ProgressLines(1000, fast, clock=lambda: 0.0)
+    for _ in range(1000):
+        lines(1)
+    assert [int(ln.split()[2].split("/")[0]) for ln in fast.getvalue().splitlines()] == list(range(100, 1001, 100))

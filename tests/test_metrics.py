@@ -151,6 +151,67 @@ def test_noisy_linear_impute_by_hand():
     assert (M.noisy_linear_impute(c, np.zeros((16, 16), bool), noise=0) == 0).all()
 
 
+def _solve_missing_before_issue_16(known, keep, margins, tol, max_iter=100000):
+    """The CG loop as it was before it was rewritten for speed (issue #16), kept verbatim as the reference."""
+    c, h, w = known.shape
+    m = (~keep)[None].astype(np.float64)
+    top, bottom, left, right = (int(bool(v)) for v in margins)
+    ones = np.pad(np.ones((1, h, w)), ((0, 0), (top, bottom), (left, right)))
+    diag = M._neighbour_sum(ones)[:, top:top + h, left:left + w]
+    rhs = M._neighbour_sum(known) * m
+    v = np.zeros_like(known)
+    r = rhs.copy()
+    z = r / diag
+    p = z.copy()
+    rz = (r * z).sum(axis=(1, 2))
+    stop = tol * np.sqrt((rhs ** 2).sum(axis=(1, 2))) + 1e-30
+    for _ in range(max_iter):
+        if np.all(np.sqrt((r ** 2).sum(axis=(1, 2))) <= stop):
+            break
+        ap = (diag * p - M._neighbour_sum(p)) * m
+        alpha = rz / np.maximum((p * ap).sum(axis=(1, 2)), 1e-300)
+        v += alpha[:, None, None] * p
+        r -= alpha[:, None, None] * ap
+        z = r / diag
+        rz_new = (r * z).sum(axis=(1, 2))
+        p = z + (rz_new / np.maximum(rz, 1e-300))[:, None, None] * p
+        rz = rz_new
+    return v
+
+
+def test_road_equals_the_implementation_before_issue_16(monkeypatch):
+    """The faster imputation changes rounding only: same imputed pixels, same ROAD scores, noise included.
+    Smooth images with a blob of a map, as CAMs are; a softmax head so probabilities move."""
+    rng = np.random.default_rng(3)
+    size = 40
+    yy, xx = np.mgrid[:size, :size] / size
+    weights = rng.standard_normal((4, 3 * size * size)).astype(np.float32) / 20
+
+    def predict(batch):
+        return batch.reshape(len(batch), -1) @ weights.T
+
+    cases = []
+    for i in range(3):
+        phase = rng.random((3, 1, 1)) * 6
+        x = (np.sin(5 * xx + phase) * np.cos(3 * yy - phase) + 0.2 * rng.standard_normal((3, size, size)))
+        cy, cx = rng.random(2) * 0.6 + 0.2
+        cam = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.05)
+        cases.append((x.astype(np.float32), cam.astype(np.float32), i % 4))
+    new = [M.road(x, cam, t, predict, rng=np.random.default_rng(i)) for i, (x, cam, t) in enumerate(cases)]
+    keep = M.road_keep(cases[0][1], 30, most_relevant=False)
+    new_fill = M.noisy_linear_impute(cases[0][0], keep, noise=0)
+    monkeypatch.setattr(M, "_solve_missing", _solve_missing_before_issue_16)
+    old = [M.road(x, cam, t, predict, rng=np.random.default_rng(i)) for i, (x, cam, t) in enumerate(cases)]
+    old_fill = M.noisy_linear_impute(cases[0][0], keep, noise=0)
+    assert (~keep).mean() == pytest.approx(0.7, abs=0.01) and np.abs(old_fill - cases[0][0]).max() > 0.1
+    np.testing.assert_allclose(new_fill, old_fill, rtol=0, atol=1e-5)
+    for a, b in zip(new, old):
+        assert abs(b["road"]) > 1e-3  # the scores really move, so equal numbers mean something
+        np.testing.assert_allclose(a["morf_curve"], b["morf_curve"], rtol=0, atol=1e-7)
+        np.testing.assert_allclose(a["lerf_curve"], b["lerf_curve"], rtol=0, atol=1e-7)
+        assert a["road"] == pytest.approx(b["road"], abs=1e-7)
+
+
 def test_spearman_and_ranks():
     stats = pytest.importorskip("scipy.stats")
     np.testing.assert_allclose(M.rankdata([3, 1, 4, 1, 5]), [3, 1.5, 4, 1.5, 5])

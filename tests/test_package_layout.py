@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "onnxcam"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "onnxcam"
 
 # Imports that stay inside functions, and why: the CLI must start (and say what to install) without onnxruntime
 # or the serve extra; the model layer runs onnxruntime only to probe shapes, and `onnxcam ops` reads the rule
@@ -140,3 +140,14 @@ def test_each_stage_imports_alone(stage):
     res = subprocess.run([sys.executable, "-c", f"import {stage}"], capture_output=True, text=True,
                          cwd=PACKAGE.parent)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_folder_named_onnxcam_next_to_a_script_does_not_hide_the_package(tmp_path):
+    # A clone is a folder named "onnxcam" without an __init__.py; a script beside it must still import the
+    # installed package, not that folder as an empty namespace package.
+    (tmp_path / "onnxcam").mkdir()
+    (tmp_path / "onnxcam" / "README.md").write_text("a clone")
+    res = subprocess.run([sys.executable, "-c", "import onnxcam; print(onnxcam.__file__, onnxcam.Explainer.__name__)"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Explainer" in res.stdout and str(tmp_path) not in res.stdout

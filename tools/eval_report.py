@@ -190,13 +190,13 @@ def main(argv=None) -> int:
     mflags = " ".join(f"--method {m}" for m in methods)
     log(f"onnxcam evaluate {rel(args.model)} {rel(args.data)} {mflags} --metrics {','.join(MAIN_METRICS)} "
         f"--steps {STEPS} --batch-size 64" + (f" --limit {args.limit}" if args.limit else ""))
-    main_result = ev.run(samples, counter(len(samples) * len(methods), "step 1"))
+    main_result = ev.run(samples, counter(len(samples) * len(methods), "step 1"), log=None)
     t1 = time.time()
     road_samples = samples[:args.road_images]
     log(f"onnxcam evaluate ... {mflags} --metrics road --road-percentiles "
         f"{','.join(map(str, ROAD_PERCENTILES))} --limit {len(road_samples)}")
     ev.metrics = ["road"]
-    road_result = ev.run(road_samples, counter(len(road_samples) * len(methods), "step 2"))
+    road_result = ev.run(road_samples, counter(len(road_samples) * len(methods), "step 2"), log=None)
     t2 = time.time()
     log("localization again with the map thresholded at 50% of its maximum")
     ev.metrics, ev.loc_threshold = ["localization"], 0.5

@@ -19,7 +19,7 @@ Samples of concurrent requests are gathered into micro-batches (`Batcher`) and e
 `Explainer.explain` call in a worker thread. Errors are JSON `{"error": "..."}`: 400 bad input, 404 unknown
 model, 408 request not received in time, 413 body or decoded pixels too large, 503 queue or pixel budget
 full. The limits on hostile input are in `Limits` (docs/serving.md, "Security"). FastAPI, uvicorn and
-prometheus-client are imported only when a server is built: `pip install 'onnxcam[serve]'`.
+prometheus-client are imported only when a server is built: `pip install 'onnxcam[serve]' (from a clone: pip install -e '.[serve]')`.
 """
 import asyncio
 import base64
@@ -49,7 +49,7 @@ from .images import preprocess, render
 from .images.labels import match_label
 from .run.explainer import Explainer
 
-INSTALL_HINT = "onnxcam serve needs FastAPI, uvicorn and prometheus-client: pip install 'onnxcam[serve]'"
+INSTALL_HINT = "onnxcam serve needs FastAPI, uvicorn and prometheus-client: pip install 'onnxcam[serve]' (from a clone: pip install -e '.[serve]')"
 CODEC_THREADS = 4  # threads decoding requests and encoding responses
 HEATMAP_DECIMALS = 4  # V1 explanations round heatmaps (display use); v2 returns them exactly
 TARGET = "target"
@@ -292,7 +292,7 @@ class MethodSet:
         self._lock = threading.Lock()
 
     def info(self) -> list[dict]:
-        return [{"name": n, "gradients": methods_registry.METHODS[n].needs_gradients,
+        return [{"name": n, "gradients": methods_registry.METHODS[n].uses_gradients,
                  "default": n == self.default.method, "help": methods_registry.METHODS[n].help} for n in self.names]
 
     def check(self, name: Any, where: str) -> str | None:
@@ -604,7 +604,7 @@ def parse_v1(body: bytes, spec: ModelSpec, limits: Limits = Limits(), held: Held
         method = None
     counterfactual = _flag(payload.get("counterfactual", False), "counterfactual")
     chosen = method or spec.explainer.method
-    if counterfactual and not methods_registry.get_method(chosen).needs_gradients:
+    if counterfactual and not methods_registry.get_method(chosen).uses_gradients:
         # Explainer.explain would return the plain map labelled counterfactual (EigenCAM has no gradient to negate)
         raise ApiError(400, f"counterfactual: counterfactual maps need gradients; method '{chosen}' uses none")
     instances = payload.get("instances")
@@ -1253,11 +1253,13 @@ def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = Non
         max_queue: int = 64, workers: int = 1, max_body_mb: float = 32.0, batch_wait_ms: float = 5.0,
         layer=None, method: str = "gradcam", log_level: str = "info", graceful_timeout: float = 30.0,
         device: str | None = None, limits: Limits | None = None, header_timeout: float = 10.0,
-        keep_alive_timeout: float = 5.0, max_connections: int = 256, methods: Sequence[str] | None = None) -> None:
+        keep_alive_timeout: float = 5.0, max_connections: int = 256, methods: Sequence[str] | None = None,
+        labels: Sequence[str] | None = None, preprocess_overrides: dict | None = None) -> None:
     """Serves `model` until SIGTERM/SIGINT; in-flight requests finish first (up to `graceful_timeout` s).
     `header_timeout`: seconds for a request's headers to arrive (else 408); `keep_alive_timeout`: an idle
     connection is closed after that long; `max_connections`: open connections (and running requests) beyond
-    which requests get 503."""
+    which requests get 503. `labels`, `preprocess_overrides` (preset, mean, std, size, layout): for a model that
+    carries no (or wrong) metadata."""
     _serving_modules()
     import uvicorn
 
@@ -1271,6 +1273,8 @@ def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = Non
         explainer = Explainer(model, layer=layer, method=method, device=device)
         if name is None and isinstance(model, (str, os.PathLike)):
             name = Path(model).stem
+    if labels is not None or preprocess_overrides:
+        explainer.use_defaults(labels, **(preprocess_overrides or {}))
     app = create_app(explainer, name=name, max_batch=max_batch, max_queue=max_queue,
                      max_body_bytes=int(max_body_mb * 2**20), batch_wait_ms=batch_wait_ms, workers=workers,
                      limits=limits, methods=methods)

@@ -28,6 +28,11 @@ class Method:
     relu_mode: str = "grad"  # for pixel methods: how ReLUs pass gradients back to the input
     help: str = ""
 
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether the map comes from gradients (so that a counterfactual, negated gradients, means something)."""
+        return self.kind != "perturbation" and self.needs_gradients
+
 
 METHODS: dict[str, Method] = {}
 

@@ -204,6 +204,7 @@ class Explainer:
         self._has_sign = build.SIGN in {i.name for i in self.session.get_inputs()}
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")
+        self._preprocess_defaults: dict = {}
         self._inferred = inferred
         self._aux: dict = {}
         self._aux_lock = threading.Lock()
@@ -230,10 +231,28 @@ class Explainer:
         return cls(model, **kwargs)
 
     def preprocessing(self, **overrides) -> preprocess.Preprocess:
-        """How images become this model's input: overrides (preset, mean, std, size, layout) > model
-        metadata > the input's static shape > ImageNet defaults."""
-        return preprocess.resolve_preprocess(self.input_shapes[self.image_input], metadata=self.metadata,
-                                             **{k: v for k, v in overrides.items() if v is not None})
+        """How images become this model's input: overrides (preset, mean, std, size, layout) > `use_defaults`
+        > model metadata > the input's static shape > ImageNet defaults."""
+        given = {**self._preprocess_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return preprocess.resolve_preprocess(self.input_shapes[self.image_input], metadata=self.metadata, **given)
+
+    def use_defaults(self, labels: Sequence[str] | None = None, **preprocessing) -> None:
+        """Labels and preprocessing (preset, mean, std, size, layout) that stand in for the model's metadata
+        from now on: what `onnxcam serve --labels/--preset/...` gives a model that carries none."""
+        if labels is not None:
+            labels = [str(name) for name in labels]
+            if self.num_classes is not None and len(labels) != self.num_classes:
+                raise OnnxcamError(f"{len(labels)} labels given for a score with {self.num_classes} classes")
+        given = {k: v for k, v in preprocessing.items() if v is not None}
+        previous = self._preprocess_defaults
+        self._preprocess_defaults = given
+        try:
+            self.preprocessing()  # refuse a bad combination now, not at the first request
+        except OnnxcamError:
+            self._preprocess_defaults = previous
+            raise
+        if labels is not None:
+            self.labels = labels
 
     def explain_image(self, image, targets=None, counterfactual: bool = False,
                       pp: preprocess.Preprocess | None = None, **kwargs) -> Explanation:
@@ -295,7 +314,7 @@ class Explainer:
             return self._sample_by_sample(feeds, n, targets, counterfactual=counterfactual, aug_smooth=aug_smooth,
                                           eigen_smooth=eigen_smooth, channels=channels, progress=progress)
         items = target_kinds.per_sample(targets, n)
-        if counterfactual and not self.method_info.needs_gradients:
+        if counterfactual and not self.method_info.uses_gradients:
             raise OnnxcamError(f"counterfactual maps need gradients; method '{self.method}' uses none")
         if aug_smooth:
             if not target_kinds.classic(items):

@@ -100,6 +100,8 @@ class Preprocess:
     layout: str = "NCHW"  # "NCHW" | "NHWC"
     channel_order: str = "RGB"  # "RGB" | "BGR"
     resize: str = "squash"
+    # Where the normalisation came from: "flags", "preset", "metadata" or "default" (ImageNet, guessed).
+    source: str = "default"
 
     def __post_init__(self) -> None:
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
@@ -490,11 +492,13 @@ def resolve_preprocess(
         key = str(preset).lower()
         if key not in PRESETS:
             raise OnnxcamError(f"unknown preprocessing preset {preset!r}; choose from {', '.join(PRESETS)}")
-        base = PRESETS[key]
+        base, source = PRESETS[key], "preset"
     elif any(k in meta for k in ("mean", "std", "scale", "channel_order")):
-        base = _meta_norm(meta)
+        base, source = _meta_norm(meta), "metadata"
     else:
-        base = PRESETS["imagenet"]
+        base, source = PRESETS["imagenet"], "default"
+    if mean is not None or std is not None:
+        source = "flags"
     m = _vector(mean, "mean") if mean is not None else base.mean
     s = _vector(std, "std") if std is not None else base.std
     m = _fit_channels(m, channels, "mean")
@@ -508,6 +512,7 @@ def resolve_preprocess(
         layout=lay,
         channel_order=base.channel_order if channels == 3 else "RGB",
         resize="squash",
+        source=source,
     )
 
 
