@@ -273,12 +273,12 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         pils = [render.tensor_image(t[0], explainer.layout) if t.ndim == 4 else None for t in tensors]
     else:
         pp = explainer.preprocessing(**overrides)
+        pils = [preprocess.load_image(img) for img in images]
+        tensors = [preprocess.to_tensor(p, pp) for p in pils]
         if pp.source == "default":  # a plausible map from the wrong normalisation would pass unnoticed
             click.echo(f"onnxcam: note: {model} carries no preprocessing metadata; normalising as ImageNet "
                        f"(mean {_fmt_floats(pp.mean)}, std {_fmt_floats(pp.std)} on 0..1 RGB). Pass --preset or "
                        f"--mean/--std, or store it in the model with `onnxcam metadata`", err=True)
-        pils = [preprocess.load_image(img) for img in images]
-        tensors = [preprocess.to_tensor(p, pp) for p in pils]
         # The overlay is a picture of a map at most 2048 px across: blending a 6000x4000 photo at full size cost
         # 12.8 s and 1.9 GB for no visible gain. A panel's five tiles get 1024 px each.
         pils = [_fit(p, PANEL_SIDE if panel else OVERLAY_SIDE) for p in pils]
