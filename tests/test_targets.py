@@ -510,7 +510,8 @@ def test_cli_predicted_region_a_class_does_not_own_is_noted(tiny_seg, tmp_path, 
     absent = [c for c in range(probs.shape[0]) if not (probs.argmax(0) == c).any()]
     present = int(np.bincount(probs.argmax(0).ravel()).argmax())
     assert absent, "the zero image should leave some class without pixels"
-    base = ["explain", seg_path, str(img), "--layer", seg_layer, "-o", str(tmp_path / "o.png"), "--region"]
+    base = ["explain", seg_path, str(img), "--layer", seg_layer, "-o", str(tmp_path / "o.png"), "--preset", "imagenet",
+            "--region"]
     assert main(base + [str(absent[0])]) == 0
     out, err = capsys.readouterr()
     assert "(score 0.0000)" in out

@@ -265,6 +265,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     else:
         target_index = _resolve_target(target, labels, k)
     other_inputs = inputs.load_inputs(extra_inputs, explainer)
+    assumed = None  # said once the run has succeeded: a failed run prints its one error line only
     as_arrays = _tensor_inputs(images, explainer)
     if as_arrays:  # signals and volumes (or preprocessed tensors): given as they enter the model
         if panel:
@@ -276,9 +277,9 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         pils = [preprocess.load_image(img) for img in images]
         tensors = [preprocess.to_tensor(p, pp) for p in pils]
         if pp.source == "default":  # a plausible map from the wrong normalisation would pass unnoticed
-            click.echo(f"onnxcam: note: {model} carries no preprocessing metadata; normalising as ImageNet "
+            assumed = (f"onnxcam: note: {model} carries no preprocessing metadata; normalising as ImageNet "
                        f"(mean {_fmt_floats(pp.mean)}, std {_fmt_floats(pp.std)} on 0..1 RGB). Pass --preset or "
-                       f"--mean/--std, or store it in the model with `onnxcam metadata`", err=True)
+                       f"--mean/--std, or store it in the model with `onnxcam metadata`")
         # The overlay is a picture of a map at most 2048 px across: blending a 6000x4000 photo at full size cost
         # 12.8 s and 1.9 GB for no visible gain. A panel's five tiles get 1024 px each.
         pils = [_fit(p, PANEL_SIDE if panel else OVERLAY_SIDE) for p in pils]
@@ -346,6 +347,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         if (isinstance(t, target_kinds.RegionTarget) and t.mask is None and scores.ndim >= 2
                 and not (scores.argmax(0) == t.cls).any()):
             records[-1]["note"] = f"class {t.cls} owns no pixel of the predicted mask: the region and its map are empty"
+    if assumed:
+        click.echo(assumed, err=True)
     if as_json:
         click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return
