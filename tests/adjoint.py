@@ -52,8 +52,12 @@ def single_node_model(op_type: str, inputs: dict[str, np.ndarray], wrt: Sequence
         opsets.append(helper.make_opsetid(domain, 1))
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
+    return with_inferred_outputs(model)
+
+
+def with_inferred_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-inferred, with the output types declared from inference so the forward model itself is runnable."""
     model = infer_shapes(model)
-    # Declare output types from inference so the forward model itself is runnable.
     inferred = {vi.name: vi for vi in model.graph.value_info}
     for out in model.graph.output:
         if out.name in inferred:

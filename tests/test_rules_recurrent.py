@@ -22,7 +22,7 @@ import onnxcam.autodiff.rules  # noqa: F401  (registers the rules)
 from onnxcam.autodiff import gradient
 from onnxcam.errors import UnsupportedOpError
 from onnxcam.model.graph import ensure_opset, infer_shapes
-from tests.adjoint import run, vjp_model
+from tests.adjoint import run, vjp_model, with_inferred_outputs
 
 F32 = np.float32
 TOL = 2e-3
@@ -93,12 +93,7 @@ def rnn_model(op, vals, attrs, wrt, outputs=None, opset=14, dynamic=(), used=Non
     model = helper.make_model(helper.make_graph([node], "g", graph_inputs, outs, initializer=inits),
                               opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    model = infer_shapes(model)
-    inferred = {vi.name: vi for vi in model.graph.value_info}
-    for out in model.graph.output:
-        if out.name in inferred:
-            out.type.CopyFrom(inferred[out.name].type)
-    return model
+    return with_inferred_outputs(model)
 
 
 def emulate_batch_first(model: onnx.ModelProto) -> onnx.ModelProto:

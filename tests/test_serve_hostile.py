@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.test_serve import CAT, MODEL, V1, V2, Server, assert_healthy, raw_exchange, v2_body
+from tests.test_serve import (CAT, V1, V2, Server, assert_healthy, cat_b64, client, explainer,  # noqa: F401
+                              raw_exchange, v2_body)  # (fixtures shared with test_serve.py, on this module's server)
 
 httpx = pytest.importorskip("httpx")
 
@@ -35,22 +36,6 @@ def server(tmp_path_factory):
     yield s
     s.stop()
     assert "Traceback" not in s.log() and "MemoryError" not in s.log(), s.log()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def explainer():
-    return onnxcam.Explainer(str(MODEL))
-
-
-@pytest.fixture(scope="module")
-def cat_b64() -> str:
-    return base64.b64encode(CAT.read_bytes()).decode()
 
 
 def b64(image: Image.Image, fmt: str = "PNG", **save) -> str:

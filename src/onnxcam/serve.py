@@ -383,7 +383,7 @@ class ModelSpec:
     pp: preprocess.Preprocess | None  # None: images cannot be preprocessed (pp_error says why)
     pp_error: str = ""
     labels: list[str] | None = None
-    fixed_batch: bool = False  # the model's batch dim is a static 1
+    fixed_batch: bool = False  # the graph computes one sample per run (Explainer.batching.fixed)
     methods: "MethodSet | None" = None  # what a V1 :explain may ask for by "method"; None: the explainer's only
 
     @classmethod
@@ -409,7 +409,7 @@ class ModelSpec:
         if labels is not None and explainer.num_classes is not None and len(labels) != explainer.num_classes:
             labels = None
         return cls(name=name, explainer=explainer, sample_shape=dims[1:], dtype=dtype, pp=pp, pp_error=pp_error,
-                   labels=labels, fixed_batch=dims[0] == 1)
+                   labels=labels, fixed_batch=explainer.batching.fixed)
 
     @property
     def datatype(self) -> str:

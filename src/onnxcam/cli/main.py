@@ -155,6 +155,28 @@ def _make_folder(folder: Path | None) -> None:
         raise OnnxcamError(f"cannot create output directory {folder}: {exc.strerror or exc}") from None
 
 
+def _preprocessing_options(f):
+    """How images become the model's input, where the model's metadata does not say (explain, serve, metadata)."""
+    options = [
+        click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset."),
+        click.option("--mean", help="Per-channel mean on the preset's scale, e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
+        click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Input layout."),
+        click.option("--labels", "labels_file", type=click.Path(), help="Class names: one per line, or a JSON list."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _preprocessing_overrides(preset, mean, std, size, layout) -> dict:
+    """The preprocessing flags that were given, parsed."""
+    given = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
+                 size=_parse_size(size), layout=layout.upper() if layout else None)
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _device_option(f):
     return click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"], case_sensitive=False),
                         default="cpu", show_default=True,
@@ -193,12 +215,7 @@ def cli() -> None:
 @click.option("--aug-smooth", is_flag=True, help="Average over horizontal flips x intensity factors 0.9/1/1.1.")
 @click.option("--eigen-smooth", is_flag=True, help="First principal component instead of the channel sum.")
 @click.option("--output-name", "output_name", help="Model output to explain (default: the first).")
-@click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
-@click.option("--mean", help="Per-channel mean on the preset's scale, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225.")
-@click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Input layout.")
-@click.option("--labels", "labels_file", type=click.Path(), help="Class names: one per line, or a JSON list.")
+@_preprocessing_options
 @click.option("--panel", is_flag=True,
               help="Write the Grad-CAM paper's Figure 1 row: original | Grad-CAM | Guided Backprop | "
                    "Guided Grad-CAM | counterfactual.")
@@ -226,8 +243,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
     for img in images:
         if not os.path.exists(img):
             _fail(f"image not found: {img}")
-    overrides = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
-                     size=_parse_size(size), layout=layout.upper() if layout else None)
+    overrides = _preprocessing_overrides(preset, mean, std, size, layout)
     tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
     paths, folder = _output_paths(list(images), out, tag)
     from ..cam.export import guard_outputs, model_files
@@ -282,7 +298,7 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
                        f"--mean/--std, or store it in the model with `onnxcam metadata`")
         # The overlay is a picture of a map at most 2048 px across: blending a 6000x4000 photo at full size cost
         # 12.8 s and 1.9 GB for no visible gain. A panel's five tiles get 1024 px each.
-        pils = [_fit(p, PANEL_SIDE if panel else OVERLAY_SIDE) for p in pils]
+        pils = [render.fit(p, PANEL_SIDE if panel else OVERLAY_SIDE) for p in pils]
     opts = dict(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
 
     def run(batch: np.ndarray, cf: bool, progress=None):
@@ -294,8 +310,8 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         if total:
             with click.progressbar(length=total, label=f"{method}: perturbed forward passes",
                                    file=sys.stderr) as bar:
-                return _run_batched(explainer, tensors, lambda b: run(b, cf, bar.update))
-        return _run_batched(explainer, tensors, lambda b: run(b, cf))
+                return run(np.concatenate(tensors), cf, bar.update)
+        return run(np.concatenate(tensors), cf)  # a one-sample graph is run sample by sample by the Explainer
 
     result = run_all(counterfactual and not panel)
     contrary = run_all(True) if panel else None
@@ -372,14 +388,6 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
 OVERLAY_SIDE, PANEL_SIDE = 2048, 1024
 
 
-def _fit(picture, side: int):
-    """`picture` scaled down (never up) so that its longest side is at most `side`."""
-    if max(picture.size) <= side:
-        return picture
-    k = side / max(picture.size)
-    return picture.resize((max(1, round(picture.width * k)), max(1, round(picture.height * k))), resample=3)
-
-
 def _fmt_floats(values) -> str:
     return ",".join(f"{v:g}" for v in values)
 
@@ -401,20 +409,6 @@ def _draw_box(picture, scores: np.ndarray, t, tensor_shape, layout: str) -> None
     w, h = abs(w), abs(h)
     xy = [(cx - w / 2) * sx, (cy - h / 2) * sy, (cx + w / 2) * sx, (cy + h / 2) * sy]
     ImageDraw.Draw(picture).rectangle(xy, outline=(0, 255, 0), width=max(2, picture.width // 200))
-
-
-def _run_batched(explainer, tensors, run):
-    """One run for the whole batch, or one per image when the model's batch size is fixed."""
-    if not isinstance(explainer.input_shapes[explainer.image_input][0], int):
-        return run(np.concatenate(tensors))
-    parts = [run(t) for t in tensors]
-    result = parts[0]
-    for field in ("maps", "heatmaps", "scores", "targets", "guided", "target_scores"):
-        if getattr(result, field) is not None:
-            setattr(result, field, np.concatenate([getattr(p, field) for p in parts]))
-    for key in result.extras:
-        result.extras[key] = np.concatenate([p.extras[key] for p in parts])
-    return result
 
 
 @cli.command()
@@ -445,12 +439,7 @@ def layers(model, output_name, as_json):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, help="The model with its metadata (.onnx; weights kept "
                                                              "external, next to it, when the model's are).")
-@click.option("--labels", "labels_file", help="Class labels: one per line, or a JSON list.")
-@click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
-@click.option("--mean", help="Per-channel mean on the 0..1 scale, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="Per-channel std on the 0..1 scale.")
-@click.option("--size", help="Input size for models with dynamic height/width: N or HxW.")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False), help="Input layout.")
+@_preprocessing_options
 def metadata_cmd(model, out, labels_file, preset, mean, std, size, layout):
     """Store labels and preprocessing in a copy of MODEL (metadata `onnxcam.labels`, `onnxcam.preprocess`), so
     that explain, serve and evaluate read them instead of guessing."""
@@ -470,11 +459,9 @@ def metadata_cmd(model, out, labels_file, preset, mean, std, size, layout):
         if classes is not None and len(labels) != classes:
             raise OnnxcamError(f"{len(labels)} labels for a score with {classes} classes")
         props[preprocess.LABELS_KEY] = json.dumps(labels)
-    given = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
-                 size=_parse_size(size), layout=layout.upper() if layout else None)
-    if any(v is not None for v in given.values()):
-        pp = preprocess.resolve_preprocess(view.shape(image), metadata=existing,
-                                           **{k: v for k, v in given.items() if v is not None})
+    given = _preprocessing_overrides(preset, mean, std, size, layout)
+    if given:
+        pp = preprocess.resolve_preprocess(view.shape(image), metadata=existing, **given)
         spec = {"mean": list(pp.mean), "std": list(pp.std), "scale": pp.scale, "channel_order": pp.channel_order,
                 "layout": pp.layout}
         if size is not None or "size" in (existing.get("preprocess") or {}):
@@ -560,21 +547,15 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
               help="Open connections; requests beyond are answered 503.")
 @click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain, repeated or comma-separated (default: automatic).")
 @click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
-@click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)),
-              help="Input normalisation preset, for a model without preprocessing metadata.")
-@click.option("--mean", help="Per-channel mean on the 0..1 scale, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="Per-channel std on the 0..1 scale.")
-@click.option("--size", help="Input size for models with dynamic height/width: N or HxW.")
-@click.option("--labels", "labels_file", help="Class labels: one per line, or a JSON list.")
+@_preprocessing_options
 @_device_option
 def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, max_image_mp,
               max_request_mp, max_inflight_mp, max_overlay_side, header_timeout, body_timeout, keep_alive_timeout,
-              max_connections, layers, method, preset, mean, std, size, labels_file, device):
+              max_connections, layers, method, preset, mean, std, size, layout, labels_file, device):
     """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
     from .. import serve
 
-    overrides = dict(preset=preset, mean=_parse_floats(mean, "mean"), std=_parse_floats(std, "std"),
-                     size=_parse_size(size))
+    overrides = _preprocessing_overrides(preset, mean, std, size, layout)
     labels = preprocess.labels_from_file(labels_file) if labels_file else None
 
     limits = serve.Limits(image_pixels=round(max_image_mp * 1e6), request_pixels=round(max_request_mp * 1e6),
@@ -583,8 +564,7 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
     serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
               max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=_layer_names(layers), method=method,
               device=device, limits=limits, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
-              max_connections=max_connections, labels=labels,
-              preprocess_overrides={k: v for k, v in overrides.items() if v is not None})
+              max_connections=max_connections, labels=labels, preprocess_overrides=overrides)
 
 
 @cli.command("evaluate")

@@ -60,6 +60,15 @@ def _heatmap_array(heatmap: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(h, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
+def fit(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` shrunk (never enlarged, aspect ratio kept) so that its longest side is at most ``max_side``."""
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.BILINEAR, reducing_gap=2.0)
+
+
 def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, max_side: int | None = None) -> Image.Image:
     """Blend the jet-coloured ``heatmap`` (HxW, values in [0, 1]) over ``image``.
 
@@ -75,11 +84,9 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, max_sid
     if max_side is not None and max_side < 1:
         raise OnnxcamError(f"overlay max_side must be positive; got {max_side}")
     h = _heatmap_array(heatmap)
-    if max_side is not None and max(image.size) > max_side:
+    if max_side is not None:
         # the blend below holds ~40 bytes per pixel in float arrays: a 6000x6000 photo would take 1.5 GB
-        scale = max_side / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                             Image.BILINEAR, reducing_gap=2.0)
+        image = fit(image, max_side)
     rgb = image.convert("RGB") if image.mode != "RGB" else image
     w_img, h_img = rgb.size
     if h.shape != (h_img, w_img):
