@@ -9,7 +9,7 @@ Fused graph interface (batch-leading, batch dynamic):
   outputs: `onnxcam_scores` (N, K) (the flattened score), `onnxcam_targets` (N,) (the flat index used),
            `onnxcam_target_scores` (N,) (y), `onnxcam_grad_peak_i` (N,) (max |dy/dA|), and by method kind
            gradient: `onnxcam_maps` (N, *layer spatial) and `onnxcam_heatmaps` (N, *input spatial),
-                     per layer i `onnxcam_maps_i` and `onnxcam_weighted_i` (N, C, *spatial)
+                     per layer i `onnxcam_maps_i`
            eigen:    `onnxcam_weighted_i`
            perturbation: `onnxcam_activations_i` and `onnxcam_weights_used` (W)
            pixel:    as gradient, plus `onnxcam_guided` (like the input) and for guided-gradcam
@@ -28,13 +28,14 @@ from . import methods
 from .targets import ARGMAX
 from ..autodiff import active_tensors, gradient
 from ..errors import OnnxcamError
-from ..model.graph import Emitter, ModelView, ensure_opset, infer_shapes, opset_version
+from ..model.graph import Emitter, ModelView, ancestors, ensure_opset, infer_shapes, opset_version, subgraph_reads
 from ..model.layouts import LayerLayout, effective_rank, to_channels_first
 
 TARGET = "onnxcam_target"  # int64 (N,): flat element whose one-hot is W (ARGMAX: the largest; NO_INDEX: none)
 WEIGHTS = "onnxcam_weights"  # float (N, *score dims): added to W (a region's mask)
 SELECT = "onnxcam_select"  # bool (N, *score dims): where the argmax part of W may be 1
 GROUP = "onnxcam_group"  # bool (N, *score dims): the elements that argmax compares (over axis 1)
+RANK = "onnxcam_rank"  # int64 (N,): in the ranked graph, which class by score ARGMAX stands for (0: the top)
 SIGN = "onnxcam_sign"
 SCORES = "onnxcam_scores"
 TARGETS = "onnxcam_targets"
@@ -107,7 +108,7 @@ def prepare(model: onnx.ModelProto, spec: Spec) -> onnx.ModelProto:
     return infer_shapes(model) if opset_version(model) != before else model
 
 
-def _seed(emit: Emitter, view: ModelView, score: str, sign_input: bool):
+def _seed(emit: Emitter, view: ModelView, score: str, sign_input: bool, ranked: bool = False):
     """The one seed: W shaped like the score, y = <W, score> per sample (samples do not interact, so one
     backward pass serves the whole batch). W = one-hot at the flat element `onnxcam_target` (ARGMAX: the largest;
     NO_INDEX: none) + `onnxcam_weights` + `onnxcam_select & (score == max over axis 1 of score where
@@ -116,7 +117,12 @@ def _seed(emit: Emitter, view: ModelView, score: str, sign_input: bool):
     np_t = helper.tensor_dtype_to_np_dtype(st)
     as_f = (lambda t: t) if st == TensorProto.FLOAT else (lambda t: emit.op("Cast", [t], to=TensorProto.FLOAT))
     score2d = emit.op("Reshape", [score, emit.ints([0, -1])], hint="score2d")
-    argmax = emit.op("ArgMax", [score2d], axis=1, keepdims=0, hint="argmax")
+    if ranked:  # the class ranked `onnxcam_rank`: TopK keeps ArgMax's tie-break (the lower index first)
+        depth = emit.op("Add", [emit.reduce("ReduceMax", RANK, None, keepdims=1), emit.ints([1])])
+        order = emit.op("TopK", [score2d, depth], n_out=2, axis=1, largest=1, sorted=1)[1]
+        argmax = emit.squeeze(emit.op("GatherElements", [order, emit.unsqueeze(RANK, [1])], axis=1), [1])
+    else:
+        argmax = emit.op("ArgMax", [score2d], axis=1, keepdims=0, hint="argmax")
     index = emit.op("Where", [emit.op("Equal", [TARGET, emit.const(np.array(ARGMAX, np.int64))]), argmax, TARGET],
                     hint="target")
     zero_i = emit.const(np.array(0, np.int64), hint="zero_i")
@@ -169,9 +175,10 @@ def _as_float(emit: Emitter, view: ModelView, name: str, like: str) -> str:
 
 
 def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool = True,
-                        keep_outputs: bool = False) -> onnx.ModelProto:
+                        keep_outputs: bool = False, ranked: bool = False) -> onnx.ModelProto:
     """Rewrites a (shape-inferred, private) copy of `model` into the fused explain graph described above.
-    `model` itself is left untouched: callers keep it for the other graphs they derive from it."""
+    `model` itself is left untouched: callers keep it for the other graphs they derive from it. `ranked`: an
+    `onnxcam_rank` input says which class by score a target of -1 stands for (the graph of repeat_layers)."""
     method = methods.get_method(spec.method)
     private = onnx.ModelProto()
     private.CopyFrom(model)
@@ -197,7 +204,7 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
         emit.op("Identity", [tensor], outputs=[name])
         outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    seed, w_f, seed_outputs = _seed(emit, view, spec.score, sign_input)
+    seed, w_f, seed_outputs = _seed(emit, view, spec.score, sign_input, ranked)
     for tensor, name, elem_type, shape in seed_outputs:
         output(tensor, name, elem_type, shape)
     if method.kind == "perturbation":
@@ -228,8 +235,9 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
                 output(peak, grad_peak_name(i), f32, ["N"])
             weighted = method.weighting(emit, acts, g, ranks[i]) if method.weighting else methods.gradcam(
                 emit, acts, g, ranks[i])
-            output(weighted, weighted_name(i), f32, layer_dims[i])
-            if method.kind != "eigen":
+            if method.kind == "eigen":  # its maps are made outside; elsewhere (N, C, *spatial) is a copy for nothing
+                output(weighted, weighted_name(i), f32, layer_dims[i])
+            else:
                 cam = methods.cam_from_weighted(emit, weighted)
                 output(cam, maps_name(i), f32, layer_dims[i][:1] + layer_dims[i][2:])
                 cams.append(cam)
@@ -252,13 +260,135 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
                 output(emit.op("Mul", [guided, up]), GUIDED_GRADCAM, f32, in_shape)
     emit.commit(model)
 
-    graph.input.extend(target_inputs_)
+    present = {i.name for i in graph.input}  # repeat_layers declared the target input already
+    graph.input.extend(t for t in target_inputs_ if t.name not in present)
+    if ranked:
+        graph.input.append(helper.make_tensor_value_info(RANK, TensorProto.INT64, ["N"]))
     if sign_input:
         graph.input.append(helper.make_tensor_value_info(SIGN, TensorProto.FLOAT, [1]))
     if not keep_outputs:
         del graph.output[:]
     graph.output.extend(outputs)
     return model
+
+
+def repeat_layers(model: onnx.ModelProto, layers: Sequence[str], score: str, image: str) -> tuple[onnx.ModelProto, tuple]:
+    """Several targets per sample for the price of one forward: the part of the graph after the layers (the
+    head) runs on each layer's activations repeated K times per sample, K = rows of `onnxcam_target` / samples,
+    so one run explains K targets of each of N samples as N*K rows (sample-major), and the trunk before the
+    layers runs once. Returns the rewritten copy and the repeated layers' names, which the fused graph explains
+    (their gradients are the K per-target gradients). Refuses (OnnxcamError, the reason) where the head reads
+    something else that carries the samples in a way the repetition cannot follow: the caller then runs the
+    targets one after the other."""
+    view = ModelView(model)
+    needed = ancestors(view, [score])
+    downstream: set[str] = set(layers)
+    head = []
+    for node in view.graph.node:  # topologically sorted (model.safeio checks it)
+        if any(i in downstream for i in node.input if i) or (
+                node.attribute and any(r in downstream for r in subgraph_reads(node))):
+            downstream.update(o for o in node.output if o)
+            if any(o in needed for o in node.output):
+                head.append(node)
+    for layer in layers:
+        producer = view.producer.get(layer)
+        if producer is not None and any(i in downstream for i in producer.input):
+            raise OnnxcamError(f"layer '{layer}' is computed from another explained layer")
+    if any(subgraph_reads(n) for n in head):
+        raise OnnxcamError("the head holds control flow (If/Loop/Scan)")
+    batch = (view.shape(image) or [None])[0]
+    if not isinstance(batch, str):
+        raise OnnxcamError("the input's batch dimension is not symbolic")
+    inputs_of_model = set(view.graph_inputs)
+    produced_in_head = {o for n in head for o in n.output}
+    outside = [i for n in head for i in n.input
+               if i and i not in produced_in_head and i not in layers and i not in view.initializers]
+    repeated, scaled = list(layers), []
+    for t in dict.fromkeys(outside):
+        if not (ancestors(view, [t]) & inputs_of_model):
+            continue  # a constant of the graph
+        shape = view.shape(t)
+        if shape and shape[0] == batch:
+            repeated.append(t)
+            continue
+        if _batch_size_first(view, t, batch) and all(
+                n.op_type == "Reshape" and list(n.input).index(t) == 1 for n in head if t in n.input):
+            scaled.append(t)  # `x.view(x.size(0), -1)`: the shape's first element is the number of samples
+            continue
+        raise OnnxcamError(f"the head reads '{t}', which depends on the input without a batch axis first")
+    for layer in layers:
+        shape = view.shape(layer)
+        if not shape or shape[0] != batch:
+            raise OnnxcamError(f"layer '{layer}' does not hold the samples on its first axis")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    emit = Emitter.for_model(out)
+    renamed, after = {}, {}  # after: tensor -> the nodes repeating it, placed right after its producer
+    for t in repeated:
+        n = emit.op("Gather", [emit.shape_of(t), emit.const(np.array([0], np.int64))], axis=0)
+        k = emit.op("Div", [emit.op("Shape", [TARGET]), n], hint="repeats")
+        rank = view.rank(t)
+        tiled = emit.op("Expand", [emit.unsqueeze(t, [1]), emit.op("Concat", [emit.ints([1]), k,
+                                                                              emit.ints([1] * (rank - 1))], axis=0)])
+        rest = emit.op("Slice", [emit.shape_of(t), emit.ints([1]), emit.ints([rank])])
+        renamed[t] = emit.op("Reshape", [tiled, emit.op("Concat", [emit.ints([-1]), rest], axis=0)],
+                             hint="repeated")
+        after[t], emit.nodes = emit.nodes, []
+    for t in scaled:
+        n = emit.op("Gather", [emit.shape_of(layers[0]), emit.const(np.array([0], np.int64))], axis=0)
+        k = emit.op("Div", [emit.op("Shape", [TARGET]), n], hint="repeats")
+        first = emit.op("Mul", [emit.op("Slice", [t, emit.ints([0]), emit.ints([1])]), k])
+        renamed[t] = emit.op("Concat", [first, emit.op("Slice", [t, emit.ints([1]), emit.ints([2 ** 62])])], axis=0,
+                             hint="repeated_shape")
+        after[t], emit.nodes = emit.nodes, []
+    head_ids = {id(n) for n in head}
+    order = {o: j for j, node in enumerate(view.graph.node) for o in node.output}
+    for t in scaled:  # after both the shape and the layer it reads the number of samples from
+        if order.get(layers[0], -1) > order.get(t, -1):
+            after[layers[0]] = after.get(layers[0], []) + after.pop(t)
+    nodes = [n for t in repeated if t not in view.producer for n in after[t]]  # graph inputs: first
+    for src, node in zip(view.graph.node, out.graph.node):
+        if id(src) in head_ids:
+            for j, i in enumerate(node.input):
+                if i in renamed:
+                    node.input[j] = renamed[i]
+        nodes.append(node)
+        nodes.extend(n for o in node.output if o in after for n in after[o])
+    copied = [onnx.NodeProto() for _ in nodes]
+    for c, n in zip(copied, nodes):
+        c.CopyFrom(n)
+    del out.graph.node[:]
+    out.graph.node.extend(copied)
+    out.graph.initializer.extend(emit.initializers)
+    out.graph.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
+    return out, tuple(renamed[layer] for layer in layers)
+
+
+def _batch_size_first(view: ModelView, t: str, batch: str) -> bool:
+    """Whether the 1-D int64 tensor `t` is [number of samples, ...] as `x.view(x.size(0), -1)` exports it:
+    Concat(Unsqueeze(Gather(Shape(y), 0)), ...) (or a Slice [0:1] of the shape) with y holding the samples first."""
+    node = view.producer.get(t)
+    if node is None or node.op_type != "Concat" or view.rank(t) != 1:
+        return False
+    first = view.producer.get(node.input[0])
+    if first is not None and first.op_type == "Unsqueeze":
+        first = view.producer.get(first.input[0])
+        if first is None or first.op_type != "Gather":
+            return False
+        index = view.constant_value(first.input[1])
+        if index is None or index.size != 1 or int(index.reshape(-1)[0]) != 0:
+            return False
+    elif first is not None and first.op_type == "Slice":
+        starts, ends = (view.constant_value(first.input[j]) if len(first.input) > j else None for j in (1, 2))
+        if starts is None or ends is None or starts.reshape(-1).tolist() != [0] or ends.reshape(-1).tolist() != [1]:
+            return False
+    else:
+        return False
+    shape = view.producer.get(first.input[0])
+    if shape is None or shape.op_type != "Shape" or any(a.name in ("start", "end") for a in shape.attribute):
+        return False
+    source = view.shape(shape.input[0])
+    return bool(source) and source[0] == batch
 
 
 def _combine(emit: Emitter, cams: Sequence[str], ranks: Sequence[int], size: str, image_rank: int) -> str:

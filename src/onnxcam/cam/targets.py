@@ -50,6 +50,25 @@ class ClassTarget:
 
 
 @dataclass(frozen=True)
+class TopClass:
+    """The class ranked `rank` by score (0: the top class, the same as None), found in the graph from the same
+    run's scores: `top_classes(k)` lists the k highest for `explain(x, targets=[top_classes(5)])`."""
+
+    rank: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 0:
+            raise OnnxcamError(f"TopClass rank must be a non-negative integer, got {self.rank!r}")
+
+
+def top_classes(k: int) -> list:
+    """The k highest-scoring classes of each sample, as targets of one explain call."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise OnnxcamError(f"the number of top classes must be a positive integer, got {k!r}")
+    return [TopClass(r) for r in range(int(k))]
+
+
+@dataclass(frozen=True)
 class IndexTarget:
     """One element of a sample's output, indexed without the batch axis (negative indices count back)."""
 
@@ -101,14 +120,53 @@ class DetectionTarget:
 LAYOUTS = ("yolov5", "ultralytics")
 
 
-Target = (ClassTarget, IndexTarget, RegionTarget, DetectionTarget)
+Target = (ClassTarget, TopClass, IndexTarget, RegionTarget, DetectionTarget)
 ARGMAX = -1  # the flat index that means the score's largest element
 
 
 def classic(items: Sequence) -> bool:
     """Class indices only (None: the argmax): the Explanation keeps the classifier's form ((N, K) scores, int
     targets)."""
-    return all(t is None or type(t) is ClassTarget for t in items)
+    return all(t is None or type(t) in (ClassTarget, TopClass) for t in items)
+
+
+def ranked(items: Sequence) -> bool:
+    """Whether some target is a class below the top one, which only the ranked graph finds."""
+    return any(isinstance(t, TopClass) and t.rank > 0 for t in items)
+
+
+def is_list(t) -> bool:
+    return isinstance(t, (list, tuple)) or (isinstance(t, np.ndarray) and t.ndim >= 1)
+
+
+def per_sample_lists(targets, n: int) -> list[list] | None:
+    """Several targets per sample (`[[3, 7, 9], [1, 2, 4]]`, one list for the whole batch, or
+    `top_classes(k)`): n lists of the same length; None when `targets` gives one target per sample."""
+    if isinstance(targets, np.ndarray) and targets.ndim == 2:
+        lists = [list(row) for row in targets]
+    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, TopClass) for t in targets) \
+            and len(targets) > 1:
+        lists = [list(targets)]  # top_classes(k): the same k ranks for every sample
+    elif isinstance(targets, (list, tuple)) and targets and any(is_list(t) for t in targets):
+        if not all(is_list(t) for t in targets):
+            raise OnnxcamError("targets mix single targets and lists; give every sample a list (or none a list)")
+        lists = [list(t) for t in targets]
+    else:
+        return None
+    if len(lists) == 1:
+        lists = lists * n
+    if len(lists) != n:
+        raise OnnxcamError(f"got {len(lists)} target lists for a batch of {n}")
+    sizes = {len(row) for row in lists}
+    if 0 in sizes:
+        raise OnnxcamError("a sample's target list is empty")
+    if len(sizes) > 1:
+        raise OnnxcamError(f"every sample needs the same number of targets; got lists of {sorted(sizes)}")
+    out = [per_sample(row, len(row)) for row in lists]
+    if not all(classic(row) for row in out):
+        raise OnnxcamError("several targets per sample take class indices, labels or TopClass; explain region, "
+                           "box and index targets one per call")
+    return out
 
 
 def per_sample(targets, n: int) -> list:
@@ -256,12 +314,14 @@ def resize_mask(mask, spatial: tuple) -> np.ndarray:
 class Plan:
     """A batch of targets as the fused graph's target inputs (onnxcam/cam/build.py): `index` (N,) int64, the
     flat element whose one-hot is W (ARGMAX: the score's largest, NO_INDEX: none); `weights` (N, *S) float added to it;
-    `select`/`group` (N, *S) bool for weights made from the same run's scores. None: all zero."""
+    `select`/`group` (N, *S) bool for weights made from the same run's scores. None: all zero. `rank` (N,)
+    int64: which class ARGMAX stands for, by score (0: the top one; the ranked graph only)."""
 
     index: np.ndarray
     weights: np.ndarray | None = None
     select: np.ndarray | None = None
     group: np.ndarray | None = None
+    rank: np.ndarray | None = None
 
 
 def plan(items: Sequence, shape: tuple | None) -> Plan:
@@ -271,11 +331,19 @@ def plan(items: Sequence, shape: tuple | None) -> Plan:
     shape = None if shape is None else tuple(int(d) for d in shape)
     size = None if shape is None else (int(np.prod(shape)) if shape else 1)
     index = np.full(n, NO_INDEX, np.int64)
-    weights = select = group = None
+    weights = select = group = rank = None
     for s, t in enumerate(items):
         at = None
         if t is None:
             index[s] = ARGMAX
+            continue
+        if isinstance(t, TopClass):
+            if size is not None and t.rank >= size:
+                raise OnnxcamError(f"top class rank {t.rank} is out of range: the score has {size} classes")
+            index[s] = ARGMAX
+            if t.rank:
+                rank = np.zeros(n, np.int64) if rank is None else rank
+                rank[s] = t.rank
             continue
         if isinstance(t, ClassTarget):
             if t.cls < 0 or (size is not None and t.cls >= size):
@@ -316,13 +384,15 @@ def plan(items: Sequence, shape: tuple | None) -> Plan:
                 weights[s, t.cls] = resize_mask(t.mask, shape[1:])
         if at is not None:
             index[s] = at
-    return Plan(index=index, weights=weights, select=select, group=group)
+    return Plan(index=index, weights=weights, select=select, group=group, rank=rank)
 
 
 def describe(t) -> str:
     """A short label for a target (CLI output)."""
     if isinstance(t, ClassTarget):
         return f"class {t.cls}"
+    if isinstance(t, TopClass):
+        return "top class" if t.rank == 0 else f"class ranked {t.rank + 1}"
     if isinstance(t, IndexTarget):
         return "index (" + ",".join(map(str, t.index)) + ")"
     if isinstance(t, RegionTarget):
@@ -333,5 +403,5 @@ def describe(t) -> str:
     return str(t)
 
 
-__all__ = ["ClassTarget", "IndexTarget", "RegionTarget", "DetectionTarget", "Plan", "plan", "resize_mask",
+__all__ = ["ClassTarget", "TopClass", "top_classes", "IndexTarget", "RegionTarget", "DetectionTarget", "Plan", "plan", "resize_mask",
            "describe"]

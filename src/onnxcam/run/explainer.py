@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
@@ -48,11 +49,38 @@ class Explanation:
     # Set by Explainer.explain so that the result can draw itself: the input's layout and the class names.
     layout: str = "NCHW"
     labels: list | None = field(default=None, repr=False)
+    # Several targets per sample (explain(x, targets=[[3, 7, 9], ...]) or top_classes(k)): K, and `maps`,
+    # `heatmaps`, `targets`, `zero_gradient`, `empty` (and each of `maps_per_layer`) are (N, K, ...); `scores`
+    # stays (N, classes). None: one target per sample. `per_target(k)` is the k-th target's usual Explanation.
+    targets_per_sample: int | None = None
 
-    def overlay(self, i: int = 0, alpha: float = 0.5, max_side: int | None = None):
+    def per_target(self, k: int) -> "Explanation":
+        """The explanation of each sample's k-th target, shaped as for one target per sample."""
+        if self.targets_per_sample is None:
+            if k != 0:
+                raise OnnxcamError("this explanation has one target per sample (k = 0)")
+            return self
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.targets_per_sample:
+            raise OnnxcamError(f"target {k!r} is out of range: each sample has {self.targets_per_sample} targets")
+        pick = (lambda a: None if a is None else np.asarray(a)[:, k])
+        out = Explanation(maps=pick(self.maps), heatmaps=pick(self.heatmaps), scores=self.scores,
+                          targets=pick(self.targets), layer=self.layer, method=self.method,
+                          counterfactual=self.counterfactual, maps_per_layer=[pick(m) for m in self.maps_per_layer],
+                          extras=dict(self.extras), zero_gradient=pick(self.zero_gradient), empty=pick(self.empty),
+                          layout=self.layout, labels=self.labels)
+        marks = {f"sample {s} (target {t})" for s, t in enumerate(out.targets)}
+        out.warnings = [w for w in self.warnings if w.split(":")[0] in marks]
+        return out
+
+    def overlay(self, i: int = 0, alpha: float = 0.5, max_side: int | None = None, k: int | None = None):
         """Sample i's heatmap in jet colours over its picture, as a PIL RGB image: the decoded photo for
         Explainer.explain_image, else the input tensor min-max scaled (onnxcam.render.tensor_image). `alpha`:
-        weight of the colours (0: the picture, 1: the colours); `max_side` shrinks large pictures."""
+        weight of the colours (0: the picture, 1: the colours); `max_side` shrinks large pictures. `k`: which of
+        the sample's targets, where it has several."""
+        if self.targets_per_sample is not None:
+            if k is None:
+                raise OnnxcamError(f"each sample has {self.targets_per_sample} targets: pass k= to choose one")
+            return self.per_target(k).overlay(i, alpha, max_side)
         n = len(self.heatmaps)
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -n <= i < n:
             raise OnnxcamError(f"sample {i!r} is out of range: the explanation has {n} sample(s)")
@@ -70,13 +98,15 @@ class Explanation:
             image = render.tensor_image(np.asarray(x[i]), self.layout)
         return render.overlay(image, heat, alpha=alpha, max_side=max_side)
 
-    def save(self, path, i: int = 0, alpha: float = 0.5):
-        """Writes `overlay(i, alpha)` to `path` (PNG, or JPEG for .jpg/.jpeg) and returns the path."""
-        render.save_png(self.overlay(i, alpha), path)
+    def save(self, path, i: int = 0, alpha: float = 0.5, k: int | None = None):
+        """Writes `overlay(i, alpha, k=k)` to `path` (PNG, or JPEG for .jpg/.jpeg) and returns the path."""
+        render.save_png(self.overlay(i, alpha, k=k), path)
         return path
 
-    def title(self, i: int = 0) -> str:
-        """What sample i explains, e.g. 'coffee mug (504) - gradcam'."""
+    def title(self, i: int = 0, k: int | None = None) -> str:
+        """What sample i explains (its k-th target where it has several), e.g. 'coffee mug (504) - gradcam'."""
+        if self.targets_per_sample is not None:
+            return self.per_target(0 if k is None else k).title(i)
         t = self.targets[i]
         if isinstance(t, (int, np.integer)):
             k = int(t)
@@ -89,9 +119,12 @@ class Explanation:
     def _repr_png_(self):
         # Jupyter's rich display: the overlay with its title, a grid for a batch. None (a map that is not 2-D,
         # no picture) lets Jupyter fall back to the text repr.
-        shown = min(len(self.heatmaps), _DISPLAY_MAX)
+        views = [self] if self.targets_per_sample is None else \
+            [self.per_target(k) for k in range(self.targets_per_sample)]
+        pairs = [(v, i) for i in range(len(self.heatmaps)) for v in views][:_DISPLAY_MAX]
+        shown = len(pairs)
         try:
-            tiles = [render.panel([self.overlay(i, max_side=_DISPLAY_SIDE)], [self.title(i)]) for i in range(shown)]
+            tiles = [render.panel([v.overlay(i, max_side=_DISPLAY_SIDE)], [v.title(i)]) for v, i in pairs]
         except OnnxcamError:
             return None
         rows = [tiles[r:r + _DISPLAY_COLS] for r in range(0, shown, _DISPLAY_COLS)]
@@ -188,8 +221,10 @@ class Explainer:
             # head reads: not the method's question.
             raise OnnxcamError(f"Ablation-CAM needs a feature-map layer; '{self.layer}' holds tokens "
                                f"(use gradcam, scorecam or another method)")
+        self.guided_ops = tuple(guided_ops)
+        self.multi_target_note: str | None = None  # why several targets per sample run one after the other
         spec = build.Spec(image=self.image_input, layers=self.layers, score=self.score, method=method,
-                          layout=self.layout, guided_ops=tuple(guided_ops), layer_layouts=self.layer_layouts)
+                          layout=self.layout, guided_ops=self.guided_ops, layer_layouts=self.layer_layouts)
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
         self.session_options = session_options
@@ -279,10 +314,27 @@ class Explainer:
         test-time augmentation); `eigen_smooth`: first principal component of the weighted activations instead
         of their channel sum. `channels`: for Score-CAM / Ablation-CAM, the channels to perturb (default all);
         `progress(n)` is called as perturbed batches finish. A class may also be given by its label ('coffee
-        mug'), see `class_index`."""
+        mug'), see `class_index`. Several classes per sample: a list per sample (`[[3, 7, 9], [1, 2, 4]]`, the
+        same number each; one list for all) or `onnxcam.top_classes(k)`; the result's arrays are then (N, K, ...)
+        (`Explanation.per_target(k)`), computed in one run where the part of the model after the layer can be
+        repeated per target (`multi_target_session`)."""
         feeds = self._feeds(inputs)
-        result = self._explain_batch(feeds, self.class_targets(targets), counterfactual, aug_smooth, eigen_smooth,
-                                     channels, progress)
+        targets = self.class_targets(targets)
+        n = feeds[self.image_input].shape[0]
+        lists = target_kinds.per_sample_lists(targets, n)
+        one_each = lists is None
+        if one_each and not isinstance(targets, Mapping):
+            single = target_kinds.per_sample(targets, n)
+            if target_kinds.ranked(single):  # a class below the top one: found by the ranked graph
+                lists = [[t] for t in single]
+        if lists is not None:
+            result = self._explain_multi(feeds, lists, counterfactual, aug_smooth, eigen_smooth, channels,
+                                         progress)
+            if one_each:
+                result = result.per_target(0)
+        else:
+            result = self._explain_batch(feeds, targets, counterfactual, aug_smooth, eigen_smooth, channels,
+                                         progress)
         # Kept so that the result can draw itself (Explanation.overlay, its display in a notebook).
         result.extras.setdefault("input", feeds[self.image_input])
         result.layout, result.labels = self.layout, self.labels
@@ -294,6 +346,9 @@ class Explainer:
             return self.class_index(targets)
         if isinstance(targets, np.ndarray) and targets.dtype.kind in "US":
             return [self.class_index(str(t)) for t in targets.ravel()]
+        if isinstance(targets, (list, tuple)) and any(target_kinds.is_list(t) for t in targets):
+            return [self.class_targets(list(t)) if target_kinds.is_list(t) else self.class_targets(t)
+                    for t in targets]
         if isinstance(targets, (list, tuple)) and any(isinstance(t, str) for t in targets):
             return [self.class_index(t) if isinstance(t, str) else t for t in targets]
         return targets
@@ -323,6 +378,58 @@ class Explainer:
             return self._aug_smooth(feeds, items, counterfactual, eigen_smooth, channels, progress)
         return self._run(feeds, items, counterfactual, eigen_smooth, channels, progress)
 
+    def _explain_multi(self, feeds, lists, counterfactual, aug_smooth, eigen_smooth, channels,
+                       progress) -> Explanation:
+        """K targets per sample. Where the head can be repeated (build.repeat_layers), one run: the trunk once,
+        the head and its backward on N*K rows. Elsewhere (pixel and perturbation methods, aug_smooth, one-sample
+        graphs, heads that repeat_layers refuses) the targets run one after the other: the same maps, K runs."""
+        n, k = len(lists), len(lists[0])
+        if counterfactual and not self.method_info.uses_gradients:
+            raise OnnxcamError(f"counterfactual maps need gradients; method '{self.method}' uses none")
+        session = None if aug_smooth else self.multi_target_session()
+        if session is not None:
+            flat = [t for row in lists for t in row]
+            r = self._run(feeds, flat, counterfactual, eigen_smooth, channels, progress, session=session)
+            return by_target(r, n, k)
+        if any(target_kinds.ranked(row) for row in lists):  # ranks from one forward, then class indices
+            scores = np.asarray(self._score_values(feeds)).reshape(n, -1)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            size = scores.shape[1]
+            for row in lists:
+                for t in row:
+                    if isinstance(t, target_kinds.TopClass) and t.rank >= size:
+                        raise OnnxcamError(f"top class rank {t.rank} is out of range: the score has {size} classes")
+            lists = [[target_kinds.ClassTarget(int(order[s, t.rank])) if isinstance(t, target_kinds.TopClass)
+                      else t for t in row] for s, row in enumerate(lists)]
+        parts = [self._explain_batch(feeds, [row[j] for row in lists], counterfactual, aug_smooth, eigen_smooth,
+                                     channels, progress) for j in range(k)]
+        return stack_targets(parts)
+
+    def multi_target_session(self):
+        """The session that explains K targets per sample in one run (None where the targets must run one after
+        the other; `multi_target_note` then says why)."""
+        with self._aux_lock:
+            if "multi" not in self._aux:
+                self._aux["multi"] = None
+                if self.batching.fixed:
+                    self.multi_target_note = "the graph computes one sample per run"
+                elif self.batching.axis != 0 or self.batching.rank is not None:
+                    self.multi_target_note = "the score does not hold the samples on its first axis"
+                elif self.method_info.kind not in ("gradient", "eigen"):
+                    self.multi_target_note = f"method '{self.method}' is not computed from the layer's gradient alone"
+                else:
+                    try:
+                        model, names = build.repeat_layers(self._inferred, self.layers, self.score,
+                                                           self.image_input)
+                        spec = build.Spec(image=self.image_input, layers=names, score=self.score,
+                                          method=self.method, layout=self.layout, guided_ops=self.guided_ops,
+                                          layer_layouts=self.layer_layouts)
+                        graph = build.build_explain_graph(infer_shapes(model), spec, ranked=True)
+                        self._aux["multi"] = make_session(graph, self.providers, self.session_options)
+                    except OnnxcamError as exc:
+                        self.multi_target_note = first_line(exc)
+            return self._aux["multi"]
+
     def _sample_by_sample(self, feeds, n: int, targets, **options) -> Explanation:
         if isinstance(targets, (list, tuple, np.ndarray)) and len(targets) == n:
             per = list(targets)
@@ -332,10 +439,11 @@ class Explainer:
                  for s in range(n)]
         return concatenate(parts)
 
-    def _run(self, feeds, items, counterfactual, eigen_smooth, channels, progress) -> Explanation:
+    def _run(self, feeds, items, counterfactual, eigen_smooth, channels, progress, session=None) -> Explanation:
         """The one explain loop: targets -> the weights W of y = <W, score> -> one run of the fused session ->
-        maps (in the graph, or from its outputs for the eigen and perturbation methods)."""
-        n = feeds[self.image_input].shape[0]
+        maps (in the graph, or from its outputs for the eigen and perturbation methods). `session`: the
+        multi-target one, where `items` holds K targets per sample (sample-major) and every output K rows each."""
+        n = len(items)
         classic = target_kinds.classic(items)
         shape = self.sample_shape if classic else self._sample_shape(feeds)
         if not classic:
@@ -346,7 +454,7 @@ class Explainer:
                 items = target_kinds.resolve_data_dependent(items, self._score_values(feeds),
                                                             self.score_is_probability)
         plan = target_kinds.plan(items, shape)
-        outs = self._run_session(feeds, plan, counterfactual)
+        outs = self._run_session(feeds, plan, counterfactual, session)
         scores, chosen = outs[build.SCORES], outs[build.TARGETS]
         check_samples(scores, n, self.output_name)
         require_finite(scores, f"the model's output '{self.output_name}'")
@@ -398,13 +506,18 @@ class Explainer:
                 build.SELECT: plan.select if plan.select is not None else np.zeros(ones, bool),
                 build.GROUP: plan.group if plan.group is not None else np.zeros(ones, bool)}
 
-    def _run_session(self, feeds, plan: target_kinds.Plan, counterfactual: bool) -> dict:
+    def _run_session(self, feeds, plan: target_kinds.Plan, counterfactual: bool, session=None) -> dict:
         run_feeds = dict(feeds)
         run_feeds.update(self._target_feeds(plan))
         if self._has_sign:
             run_feeds[build.SIGN] = np.array([-1.0 if counterfactual else 1.0], np.float32)
+        if session is not None:
+            run_feeds[build.RANK] = plan.rank if plan.rank is not None else np.zeros(len(plan.index), np.int64)
+        elif plan.rank is not None:
+            raise OnnxcamError("a class below the top one needs the ranked graph")  # explain() routes them there
+        session = session or self.session
         try:
-            return dict(zip(self._output_names, self.session.run(None, run_feeds)))
+            return dict(zip([o.name for o in session.get_outputs()], session.run(None, run_feeds)))
         except Exception as exc:
             self._check_batch_rows(feeds)  # a misread batch axis fails in the seed: say that, not where it broke
             raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
@@ -674,6 +787,33 @@ def flag_empty(r: Explanation, outs: dict, layers: Sequence[str], quiet=()) -> N
                               f"the target")
         elif r.empty[s]:
             r.warnings.append(f"{what}: the map is empty: every position's weighted sum is negative or zero")
+
+
+def by_target(r: Explanation, n: int, k: int) -> Explanation:
+    """A run over N*K sample-major rows (K targets per sample) as an Explanation with (N, K, ...) arrays."""
+    split = (lambda a: None if a is None else np.asarray(a).reshape(n, k, *np.asarray(a).shape[1:]))
+    out = Explanation(maps=split(r.maps), heatmaps=split(r.heatmaps), scores=r.scores[::k], targets=split(r.targets),
+                      layer=r.layer, method=r.method, counterfactual=r.counterfactual,
+                      maps_per_layer=[split(m) for m in r.maps_per_layer], extras=dict(r.extras),
+                      zero_gradient=split(r.zero_gradient), empty=split(r.empty), targets_per_sample=k)
+    out.warnings = [re.sub(r"^sample (\d+)", lambda m: f"sample {int(m.group(1)) // k}", w) for w in r.warnings]
+    return out
+
+
+def stack_targets(parts: Sequence[Explanation]) -> Explanation:
+    """K explanations of the same samples (the k-th target each) as one with (N, K, ...) arrays."""
+    r = parts[0]
+    stack = (lambda name: None if getattr(r, name) is None else np.stack([getattr(p, name) for p in parts], axis=1))
+    out = Explanation(maps=stack("maps"), heatmaps=stack("heatmaps"), scores=r.scores, targets=stack("targets"),
+                      layer=r.layer, method=r.method, counterfactual=r.counterfactual,
+                      maps_per_layer=[np.stack([p.maps_per_layer[i] for p in parts], axis=1)
+                                      for i in range(len(r.maps_per_layer))],
+                      extras=dict(r.extras), zero_gradient=stack("zero_gradient"), empty=stack("empty"),
+                      targets_per_sample=len(parts))
+    if r.guided is not None:
+        out.guided = np.stack([p.guided for p in parts], axis=1)
+    out.warnings = [w for p in parts for w in p.warnings]
+    return out
 
 
 def concatenate(parts: Sequence[Explanation]) -> Explanation:
