@@ -164,6 +164,9 @@ def test_methods_that_run_the_targets_one_after_the_other(plain, method):
         np.testing.assert_allclose(r.heatmaps[:, k], one.heatmaps, atol=1e-6)
         if one.guided is not None:
             np.testing.assert_allclose(r.guided[:, k], one.guided, atol=1e-6)
+            np.testing.assert_allclose(r.per_target(k).guided, one.guided, atol=1e-6)
+            np.testing.assert_allclose(r.per_target(k).extras["guided_backprop"], one.extras["guided_backprop"],
+                                       atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["skip", "view"])

@@ -66,8 +66,11 @@ class Explanation:
         out = Explanation(maps=pick(self.maps), heatmaps=pick(self.heatmaps), scores=self.scores,
                           targets=pick(self.targets), layer=self.layer, method=self.method,
                           counterfactual=self.counterfactual, maps_per_layer=[pick(m) for m in self.maps_per_layer],
-                          extras=dict(self.extras), zero_gradient=pick(self.zero_gradient), empty=pick(self.empty),
+                          guided=pick(self.guided), zero_gradient=pick(self.zero_gradient), empty=pick(self.empty),
                           layout=self.layout, labels=self.labels)
+        # per-target arrays have K on axis 1; the input and the decoded picture are the samples' own
+        out.extras = {key: value[:, k] if key not in _SAMPLE_EXTRAS and isinstance(value, np.ndarray) else value
+                      for key, value in self.extras.items()}
         marks = {f"sample {s} (target {t})" for s, t in enumerate(out.targets)}
         out.warnings = [w for w in self.warnings if w.split(":")[0] in marks]
         return out
@@ -147,6 +150,8 @@ class Explanation:
         grid.save(buf, format="PNG")
         return buf.getvalue()
 
+
+_SAMPLE_EXTRAS = ("input", "image")  # Explanation.extras that hold the samples, not one entry per target
 
 # A notebook shows at most this many samples of a batch, this many per row, each at most this many pixels wide.
 _DISPLAY_MAX, _DISPLAY_COLS, _DISPLAY_SIDE = 16, 4, 512
@@ -808,8 +813,10 @@ def stack_targets(parts: Sequence[Explanation]) -> Explanation:
                       layer=r.layer, method=r.method, counterfactual=r.counterfactual,
                       maps_per_layer=[np.stack([p.maps_per_layer[i] for p in parts], axis=1)
                                       for i in range(len(r.maps_per_layer))],
-                      extras=dict(r.extras), zero_gradient=stack("zero_gradient"), empty=stack("empty"),
-                      targets_per_sample=len(parts))
+                      extras={key: np.stack([p.extras[key] for p in parts], axis=1)
+                              if isinstance(value, np.ndarray) and key not in _SAMPLE_EXTRAS else value
+                              for key, value in r.extras.items()},
+                      zero_gradient=stack("zero_gradient"), empty=stack("empty"), targets_per_sample=len(parts))
     if r.guided is not None:
         out.guided = np.stack([p.guided for p in parts], axis=1)
     out.warnings = [w for p in parts for w in p.warnings]
