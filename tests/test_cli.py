@@ -47,7 +47,7 @@ def test_explain_json_panel_and_named_target(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, "explain", MODEL, CAT, CAT_CUP, "-o", tmp_path / "res", "--panel",
                                    "--target", "coffee mug", "--json")
     assert code == 0, stderr
-    records = json.loads(stdout)
+    records = [json.loads(line) for line in stdout.splitlines()]  # JSON lines: one object per image
     assert [r["target"] for r in records] == [504, 504]
     assert records[0]["top"][0]["label"] == "Egyptian cat"
     assert abs(sum(np.exp([t["score"] for t in records[0]["top"]]))) > 0

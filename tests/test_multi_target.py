@@ -210,3 +210,15 @@ def test_the_model_is_not_modified(plain):
     ex.explain(np.zeros((1, 3, 16, 16), np.float32), top_classes(2))
     assert open(path, "rb").read() == before
     assert isinstance(onnx.load(path), onnx.ModelProto)
+
+
+def test_eigen_smooth_in_one_run(plain):
+    _, path = plain
+    ex = onnxcam.Explainer(path)
+    x = np.random.default_rng(7).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    lists = [[3, 7], [1, 2]]
+    r = ex.explain(x, lists, eigen_smooth=True)
+    assert ex.multi_target_session() is not None
+    for k in range(2):
+        one = ex.explain(x, [row[k] for row in lists], eigen_smooth=True)
+        np.testing.assert_allclose(r.heatmaps[:, k], one.heatmaps, atol=1e-5)

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "onnxcam"
 # registry (which sits on the model layer) without onnxruntime installed.
 DEFERRED = {
     "onnxcam": {"onnxcam.run.explainer"},
-    "onnxcam.cli.main": {"onnxcam.run.explainer", "onnxcam.cam.export", "onnxcam.model.select",
+    "onnxcam.cli.main": {"onnxcam.run.explainer", "onnxcam.cam.export", "onnxcam.model.select", "onnxcam.ray",
+                         "onnxcam.ray.serve",
                          "onnxcam.model.graph", "onnxcam.serve", "onnxcam.evaluate", "onnxcam.run.runtime",
                          "onnxcam.run.placement", "onnxcam.autodiff.rules"},
     "onnxcam.model.graph": {"onnxcam.run.runtime"},

@@ -449,3 +449,43 @@ def test_batcher_batches_in_order_and_drains():
     assert first == [0, 10, 20, 30, 40, 50, 60] and single == [70]
     assert isinstance(bad, ValueError)
     assert [len(c) for c in calls] == [3, 3, 3, 1] and sum(calls, []) == list(range(8)) + [12, 13]
+
+
+def _docker_command(dockerfile: Path) -> list[str]:
+    text = dockerfile.read_text()
+    entry, cmd = (json.loads(re.search(rf"^{key} (\[.*\])$", text, re.M).group(1)) for key in ("ENTRYPOINT", "CMD"))
+    return entry + cmd
+
+
+def test_the_container_runs_this_server(tmp_path, explainer, cat_b64, cat_x):
+    # Images cannot be built here; the command they run can: the Dockerfile's ENTRYPOINT + CMD, with the model
+    # mounted where KServe's storage initializer puts it, and loopback instead of 0.0.0.0.
+    command = _docker_command(ROOT / "Dockerfile")
+    assert _docker_command(ROOT / "Dockerfile.gpu") == command + ["--device", "cuda"]
+    assert command[:3] == ["onnxcam", "serve", "/mnt/models/model.onnx"]
+    port = _free_port()
+    values = {"/mnt/models/model.onnx": str(MODEL), "0.0.0.0": "127.0.0.1", "8080": str(port)}
+    script = Path(sys.executable).with_name("onnxcam")  # the console script pip installs into the image
+    args = [str(script) if script.exists() else "onnxcam"] + [values.get(a, a) for a in command[1:]]
+    with open(tmp_path / "container.log", "wb") as log:
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "container.log").read_text()
+                try:
+                    if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            r = httpx.post(f"{url}/v1/models/model:explain", json={"instances": [cat_b64]}, timeout=60)
+            assert r.status_code == 200, r.text
+            want = explainer.explain(cat_x)
+            got = r.json()["explanations"][0]
+            assert got["class"] == int(want.targets[0])
+            np.testing.assert_allclose(np.asarray(got["heatmap"]), want.heatmaps[0], atol=0.5e-4 + 1e-6)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert "Traceback" not in (tmp_path / "container.log").read_text()

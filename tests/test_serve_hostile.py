@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 
 import onnxcam  # noqa: E402
 from onnxcam.images import preprocess, render  # noqa: E402
-from onnxcam import serve
+from onnxcam.serve import protocol as serve
 from PIL import Image  # noqa: E402
 
 HEADER_TIMEOUT, BODY_TIMEOUT, KEEP_ALIVE, MAX_CONNECTIONS = 1.0, 2.0, 1.0, 12

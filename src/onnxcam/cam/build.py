@@ -9,7 +9,7 @@ Fused graph interface (batch-leading, batch dynamic):
   outputs: `onnxcam_scores` (N, K) (the flattened score), `onnxcam_targets` (N,) (the flat index used),
            `onnxcam_target_scores` (N,) (y), `onnxcam_grad_peak_i` (N,) (max |dy/dA|), and by method kind
            gradient: `onnxcam_maps` (N, *layer spatial) and `onnxcam_heatmaps` (N, *input spatial),
-                     per layer i `onnxcam_maps_i`
+                     per layer i `onnxcam_maps_i` and `onnxcam_weighted_i` (N, C, *spatial)
            eigen:    `onnxcam_weighted_i`
            perturbation: `onnxcam_activations_i` and `onnxcam_weights_used` (W)
            pixel:    as gradient, plus `onnxcam_guided` (like the input) and for guided-gradcam
@@ -235,9 +235,8 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
                 output(peak, grad_peak_name(i), f32, ["N"])
             weighted = method.weighting(emit, acts, g, ranks[i]) if method.weighting else methods.gradcam(
                 emit, acts, g, ranks[i])
-            if method.kind == "eigen":  # its maps are made outside; elsewhere (N, C, *spatial) is a copy for nothing
-                output(weighted, weighted_name(i), f32, layer_dims[i])
-            else:
+            output(weighted, weighted_name(i), f32, layer_dims[i])  # eigen methods and eigen_smooth read it
+            if method.kind != "eigen":
                 cam = methods.cam_from_weighted(emit, weighted)
                 output(cam, maps_name(i), f32, layer_dims[i][:1] + layer_dims[i][2:])
                 cams.append(cam)

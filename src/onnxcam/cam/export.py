@@ -4,6 +4,18 @@ The exported graph keeps the model's inputs and outputs, adds an optional int64 
 default (-1, or the input left out) means "the argmax class", and a `heatmap` output (N, H, W) in [0, 1].
 Only standard ONNX operators: it runs on stock onnxruntime with any execution provider, and in Triton's
 onnxruntime backend (see `triton_config`).
+
+`target` is optional in one of two forms (`TARGET_FORMS`):
+
+* "optional" (`onnxcam export -o`): an ONNX optional-typed input, optional(tensor(int64)), read through
+  OptionalHasElement/If/OptionalGetElement. onnxruntime loads it silently and takes a plain int64 array for it
+  or nothing. It needs opset 15: an older model is upgraded (onnx's version converter) and, where that fails,
+  gets the other form.
+* "initializer" (the Triton entry, `write_triton_repository`): a plain tensor input with an initializer of the
+  same name holding the default [-1]. Triton's onnxruntime backend refuses any input that is not a tensor
+  ("Unsupported ONNX Type ... expected ONNX_TYPE_TENSOR") but feeds overridable initializers, and its config
+  marks the input `optional: true`. The price: onnxruntime prints "Initializer target appears in graph inputs"
+  on every load. Plain tensors are also the form other runtimes (OpenVINO, TensorRT's parser) are known to take.
 """
 from __future__ import annotations
 
@@ -16,18 +28,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import OnnxcamError
 from ..model import layouts, safeio, select
-from ..model.graph import Emitter, ModelLike, ModelView, infer_shapes, load_model, prune
+from ..model.graph import Emitter, ModelLike, ModelView, ensure_opset, infer_shapes, load_model, opset_version, prune
 from . import build, methods
 
 _TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.DOUBLE: "TYPE_FP64",
                  TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.UINT8: "TYPE_UINT8",
                  TensorProto.INT8: "TYPE_INT8", TensorProto.BOOL: "TYPE_BOOL", TensorProto.BFLOAT16: "TYPE_BF16"}
+TARGET_FORMS = ("optional", "initializer")
+OPTIONAL_OPSET = 15  # OptionalHasElement, OptionalGetElement
 
 
 def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_size: str = "input",
                  output: str | None = None, layout: str | None = None, target_name: str = "target",
-                 heatmap_name: str = "heatmap", inline_weights: bool = True) -> onnx.ModelProto:
-    """The explainable graph. A model loaded with external data keeps its large weights on disk (references
+                 heatmap_name: str = "heatmap", inline_weights: bool = True,
+                 target_form: str = "optional") -> onnx.ModelProto:
+    """The explainable graph; `target_form`: how its `target` input is optional (TARGET_FORMS, module doc). A model loaded with external data keeps its large weights on disk (references
     only onnxcam can read) when `inline_weights` is False or they exceed 2 GB: write it with save_model, which
     puts them in `<output>.data`. Otherwise the result is a self-contained ModelProto for onnx.save."""
     if methods.get_method(method).kind != "gradient":
@@ -35,8 +50,16 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
                            f"passes); exportable: {', '.join(methods.exportable_methods())}")
     if heatmap_size not in ("input", "layer"):
         raise OnnxcamError(f"--heatmap-size must be 'input' or 'layer', got '{heatmap_size}'")
+    if target_form not in TARGET_FORMS:
+        raise OnnxcamError(f"target_form must be one of {', '.join(TARGET_FORMS)}, got '{target_form}'")
     source = load_model(model)
-    inferred = infer_shapes(source)
+    working = source
+    if target_form == "optional" and opset_version(source) < OPTIONAL_OPSET:
+        try:
+            working = ensure_opset(source, OPTIONAL_OPSET)
+        except OnnxcamError:  # the version converter lacks an adapter for one of the model's operators
+            target_form = "initializer"
+    inferred = infer_shapes(working)
     view = ModelView(inferred)
     image, score, layers = select.resolve(view, layer, output)
     for name in (target_name, heatmap_name):
@@ -58,15 +81,9 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
     emit.op("Identity", [heat], outputs=[heatmap_name])
     emit.commit(m)
 
-    for node in m.graph.node:
-        for i, name in enumerate(node.input):
-            if name == build.TARGET:
-                node.input[i] = target_name
-    for inp in m.graph.input:
-        if inp.name == build.TARGET:
-            inp.name = target_name
-    # An initializer with the input's name makes the input optional: absent means [-1], i.e. the argmax.
-    m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), target_name))
+    _optional_target(m, target_name)
+    if target_form == "initializer":
+        _initializer_target(m, target_name)
 
     originals = [o.name for o in source.graph.output]
     kept = [o for o in m.graph.output if o.name in originals]
@@ -108,6 +125,60 @@ def export_model(model: ModelLike, layer=None, method: str = "gradcam", heatmap_
         for t in sealed:
             safeio.inline_sealed(t)
     return m
+
+
+def _optional_target(m: onnx.ModelProto, target_name: str) -> None:
+    """Replaces the graph input build.TARGET with an optional-typed input `target_name`, in place: the graph
+    reads build.TARGET from an If that takes the input's tensor when one is given and [-1] (the argmax) else."""
+    for inp in m.graph.input:
+        if inp.name == build.TARGET:
+            inp.CopyFrom(helper.make_value_info(target_name, helper.make_optional_type_proto(
+                helper.make_tensor_type_proto(TensorProto.INT64, ["N"]))))
+    given, default, has = (f"{build.TARGET}_{suffix}" for suffix in ("given", "default", "present"))
+    then_branch = helper.make_graph([helper.make_node("OptionalGetElement", [target_name], [given])], "target_given",
+                                    [], [helper.make_tensor_value_info(given, TensorProto.INT64, ["N"])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Constant", [], [default], value=numpy_helper.from_array(np.array([-1], np.int64)))],
+        "target_default", [], [helper.make_tensor_value_info(default, TensorProto.INT64, [1])])
+    nodes = [helper.make_node("OptionalHasElement", [target_name], [has], name=has),
+             helper.make_node("If", [has], [build.TARGET], name=f"{build.TARGET}_or_argmax",
+                              then_branch=then_branch, else_branch=else_branch)]
+    for node in reversed(nodes):
+        m.graph.node.insert(0, node)
+
+
+def is_optional_target(model: onnx.ModelProto, target_name: str = "target") -> bool:
+    return any(i.name == target_name and i.type.HasField("optional_type") for i in model.graph.input)
+
+
+def _initializer_target(m: onnx.ModelProto, target_name: str) -> None:
+    """The optional-typed `target_name` of _optional_target as a plain int64 (N,) input whose initializer holds
+    the default [-1], in place."""
+    for inp in m.graph.input:
+        if inp.name == target_name:
+            inp.CopyFrom(helper.make_tensor_value_info(target_name, TensorProto.INT64, ["N"]))
+    kept = []
+    for node in m.graph.node:
+        if node.op_type == "OptionalHasElement" and list(node.input) == [target_name]:
+            continue
+        if node.op_type == "If" and list(node.output) == [build.TARGET]:
+            node = helper.make_node("Identity", [target_name], [build.TARGET], name=node.name)
+        kept.append(node)
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    # An initializer with the input's name makes the input optional: absent means [-1], i.e. the argmax.
+    m.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), target_name))
+
+
+def triton_model(model: onnx.ModelProto, target_name: str = "target") -> onnx.ModelProto:
+    """`model` (an export) with its `target` in the form Triton's onnxruntime backend loads ("initializer"); the
+    model itself when it has that form already."""
+    if not is_optional_target(model, target_name):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _initializer_target(out, target_name)
+    return out
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike,
@@ -250,13 +321,14 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int = 8,
 
 def write_triton_repository(model: onnx.ModelProto, directory: str | os.PathLike, name: str,
                             max_batch_size: int = 8, inputs=()) -> Path:
-    """DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx."""
+    """DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx, with `target` in the form Triton loads (module doc)."""
     root = Path(directory) / name
     guard_outputs([root / "1" / "model.onnx", root / "1" / "model.onnx.data", root / "config.pbtxt"], inputs)
     try:
         (root / "1").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OnnxcamError(f"cannot create {root}: {exc.strerror or exc}") from None
+    model = triton_model(model)
     save_model(model, root / "1" / "model.onnx", inputs)
     try:
         (root / "config.pbtxt").write_text(triton_config(model, name, max_batch_size))

@@ -1,7 +1,8 @@
 """Command line: `onnxcam explain`, `layers`, `ops`, `export`, `serve`, `evaluate`, `providers`.
 
 Every user-facing failure is an OnnxcamError printed as one line with exit status 2; nothing the user
-gave (model, images) is ever written to.
+gave (model, images) is ever written to. `explain` streams folders and globs (cli/dataset.py): a file it cannot
+read is skipped with one line, and the run then ends with status 1.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import re
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -16,7 +18,7 @@ import numpy as np
 
 from ..cam import methods
 from ..cam import targets as target_kinds
-from . import inputs
+from . import dataset, inputs
 from ..images import preprocess, render
 from ..errors import OnnxcamError, first_line
 from ..images.labels import match_label
@@ -24,6 +26,9 @@ from ..cam.methods import exportable_methods
 from ..model.safeio import regular_file
 
 EXIT_USAGE = 2
+# Overlays' longest side: images named one by one, folders and globs (where blending and encoding photo-sized
+# overlays would take most of the run), a panel's tiles.
+OVERLAY_SIDE, DATASET_SIDE, PANEL_SIDE = 2048, 800, 1024
 
 
 def _fail(message: str) -> None:
@@ -102,34 +107,32 @@ def _load_sample(path: str, explainer) -> np.ndarray:
     return arr
 
 
-def _output_paths(images: list[str], out: str | None, suffix: str) -> tuple[list[Path], Path | None]:
-    """One PNG per image: OUT itself when it names a .png/.jpg and there is one image, else files in OUT/.
-    Only checks; returns the paths and the folder still to create (nothing is created before the model has
-    loaded, so a failed run leaves no empty folder behind)."""
-    to_create = None
+def _overlay_paths(items, out: str | None, tag: str, fmt: str | None) -> tuple[list[Path], Path | None]:
+    """Where each item's picture goes: OUT itself when it names an image file and one file was given, else
+    OUT/<the item's path below its folder argument>_<tag>.<format> (files given directly: OUT/<stem>_<tag>).
+    Only checks; returns the paths and the folder still to create. Nothing is created here: a run that fails before
+    its first image leaves no empty folder behind."""
     suffix_of_out = Path(out).suffix.lower() if out is not None else ""
-    if suffix_of_out and not Path(out).is_dir():
+    single = bool(suffix_of_out) and not Path(out).is_dir()
+    if single:
         if suffix_of_out not in render.IMAGE_FORMATS:
             raise OnnxcamError(f"-o {out}: '{suffix_of_out}' is not an image format onnxcam writes (use "
                                f"{', '.join(render.IMAGE_FORMATS)}), nor an existing folder")
-        if len(images) > 1:
-            raise OnnxcamError(f"-o {out} names one file but {len(images)} images were given; give a folder")
-    if out is not None and len(images) == 1 and suffix_of_out in render.IMAGE_FORMATS:
-        paths = [Path(out)]
+        if len(items) > 1:
+            raise OnnxcamError(f"-o {out} names one file but {len(items)} images were given; give a folder")
+        if not items[0].direct:
+            raise OnnxcamError(f"-o {out} names one file but a folder or glob was given; give a folder")
+        if fmt is not None and render.IMAGE_FORMATS[suffix_of_out] != render.IMAGE_FORMATS["." + fmt]:
+            raise OnnxcamError(f"-o {out} and --format {fmt} disagree; the file's extension sets its format")
+        paths, to_create = [Path(out)], None
     else:
         folder = Path(out) if out is not None else Path("onnxcam-out")
         if folder.exists() and not folder.is_dir():
             raise OnnxcamError(f"output {folder} exists and is not a directory")
-        if not folder.exists():
-            to_create = folder
-        stems: dict[str, int] = {}
-        paths = []
-        for img in images:
-            stem = Path(img).stem
-            stems[stem] = stems.get(stem, 0) + 1
-            tag = "" if stems[stem] == 1 else f"_{stems[stem]}"
-            paths.append(folder / f"{stem}{tag}_{suffix}.png")
-    inputs = {os.path.realpath(p) for p in images}
+        to_create = None if folder.exists() else folder
+        ext = "." + (fmt or "png")
+        paths = [folder / f"{item.stem}_{tag}{ext}" for item in items]
+    inputs = {os.path.realpath(item.path) for item in items}
     for p in paths:
         if os.path.realpath(p) in inputs:
             raise OnnxcamError(f"output {p} would overwrite an input image")
@@ -144,15 +147,6 @@ def _output_paths(images: list[str], out: str | None, suffix: str) -> tuple[list
     if not os.access(existing, os.W_OK):
         raise OnnxcamError(f"cannot write {paths[0]}: permission denied")
     return paths, to_create
-
-
-def _make_folder(folder: Path | None) -> None:
-    if folder is None:
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OnnxcamError(f"cannot create output directory {folder}: {exc.strerror or exc}") from None
 
 
 def _preprocessing_options(f):
@@ -196,13 +190,18 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", "out", help="Output PNG (one image) or directory [default: onnxcam-out/].")
+@click.argument("images", metavar="PATH...", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out", help="Output image (one image) or directory [default: onnxcam-out/]; "
+                                            "a folder's tree is mirrored below it.")
 @click.option("--layer", "layers", multiple=True,
               help="ONNX tensor to explain (default: the last spatial feature map; see `onnxcam layers`). "
                    "Repeat, or separate with commas, to average several layers.")
-@click.option("--target", help="Class index or label to explain (default: the top-scoring class), or an index "
-                                "tuple into one sample's output, e.g. 0,3,5 (see docs/targets.md).")
+@click.option("--target", "target", multiple=True,
+              help="Class index or label to explain (default: the top-scoring class), or an index tuple into one "
+                   "sample's output, e.g. 0,3,5 (see docs/targets.md). Repeat for several classes per image, "
+                   "one map each, from one forward (--target 3 --target cat).")
+@click.option("--top-k-maps", "top_k_maps", type=click.IntRange(1, None),
+              help="One map for each of the K highest-scoring classes of every image, from one forward.")
 @click.option("--region", help="Segmentation: CLASS[:MASK.png], class CLASS's logits summed over the mask (nonzero "
                                "pixels, resized to the output grid) or, without a mask, over CLASS's predicted mask.")
 @click.option("--box", type=int, help="Detection (N, boxes, 5+classes output): explain box I; see --field.")
@@ -222,40 +221,124 @@ def cli() -> None:
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, None), help="Classes to print.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None),
-              help="Perturbed images per run (Score-CAM, Ablation-CAM).")
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+              help="Images per onnxruntime run; also the perturbed images per run of Score-CAM and Ablation-CAM.")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"], case_sensitive=False),
+              help="Format of the overlays written into a folder [default: png; -o FILE: its extension].")
+@click.option("--max-overlay-side", type=click.IntRange(1, None),
+              help=f"Longest side of the overlays, in pixels [default: {OVERLAY_SIDE} for images named one by one, "
+                   f"{DATASET_SIDE} for folders and globs].")
+@click.option("--no-overlay", is_flag=True, help="Write no pictures (with --save-maps, --results or --json).")
+@click.option("--save-maps", "save_maps", help="Keep the maps: a .npz file (keys: each image's path below its "
+                                               "folder argument) or a folder of .npy files.")
+@click.option("--maps-size", type=click.Choice(["layer", "input"]), default="layer", show_default=True,
+              help="The raw map at the layer's resolution, or the [0, 1] heatmap at the model input's.")
+@click.option("--maps-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Type of the saved maps.")
+@click.option("--results", "results_file", help="Write one row per image (path, target, label, score, "
+                                                 "probability, layer, method) to this .csv or .jsonl file.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON lines: one object per image.")
 @click.option("--batch-axis", "batch_axis", type=int, default=None,
               help="Axis of the explained output that holds the samples (default: found from the graph; "
                    "e.g. 1 for (T, N, K) CTC logits).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"], case_sensitive=False),
+              help="Arithmetic of the model's forward (docs/precision.md): bf16/fp16 run the part before the layer "
+                   "on OpenVINO (pip install 'onnxcam[openvino]'), int8 quantizes it (needs --calibration); the "
+                   "gradient and CAM stay float32. auto: what this CPU has units for. [default: fp32]")
+@click.option("--calibration", "calibration", multiple=True, type=click.Path(exists=True),
+              help="Images (files or folders) to calibrate --precision int8 on; repeatable.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on a Ray cluster (onnxcam.ray: read -> map_batches -> write_parquet): -o is the folder of "
+                   "Parquet files, one row per image (path, target, label, score, probability, heatmap). Without "
+                   "ADDRESS a local Ray instance; 'auto' or ray://HOST:PORT joins a cluster.")
 @_device_option
-def explain(model, images, out, layers, target, method, counterfactual, aug_smooth, eigen_smooth, output_name,
-            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, as_json, batch_axis, device,
-            region=None, box=None, field=None, extra_inputs=()):
-    """Write a CAM overlay PNG for each IMAGE and print the top classes."""
+@click.pass_context
+def explain(ctx, model, images, out, layers, target, method, counterfactual, aug_smooth, eigen_smooth, output_name,
+            preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, fmt, max_overlay_side,
+            no_overlay, save_maps, maps_size, maps_dtype, results_file, as_json, batch_axis, device,
+            region=None, box=None, field=None, extra_inputs=(), top_k_maps=None, ray_address=None, precision=None,
+            calibration=()):
+    """Write a CAM overlay for each image and print the top classes. PATH is an image (or .npy tensor), a
+    folder (searched recursively) or a quoted glob such as 'data/**/*.jpg'; images stream through in batches.
+    An unreadable file is skipped with one line, and the run ends with exit status 1."""
+    from ..cam.export import guard_outputs, model_files
     from ..run.explainer import Explainer
 
     info = methods.get_method(method)
     method = info.name
+    several = list(target) if len(target) > 1 else None  # several classes per image: one map each
+    target = target[0] if len(target) == 1 else None
+    if several is not None and any("," in t and t.replace(",", "").replace("-", "").strip().isdigit()
+                                   for t in several):
+        _fail("several --target take class indices or labels, not index tuples")
+    if top_k_maps is not None and (several is not None or target is not None):
+        _fail("--top-k-maps and --target cannot be combined: give the classes, or let the top K be chosen")
+    multi = several is not None or top_k_maps is not None
+    if multi:
+        for flag, given in (("--region", region), ("--box", box), ("--panel", panel)):
+            if given:
+                _fail(f"{flag} explains one target per image; several classes per image (--top-k-maps, repeated "
+                      f"--target) go without it")
+    if ray_address is not None:
+        return _explain_on_ray(model, images, out, ray_address, layer=_layer_names(layers), method=method,
+                               target=target, batch_size=batch_size, device=device, output=output_name,
+                               overrides=_preprocessing_overrides(preset, mean, std, size, layout),
+                               unsupported={"--region": region, "--box": box, "--input": extra_inputs,
+                                            "--panel": panel, "--counterfactual": counterfactual,
+                                            "--aug-smooth": aug_smooth, "--eigen-smooth": eigen_smooth,
+                                            "--save-maps": save_maps, "--results": results_file,
+                                            "--json": as_json, "--labels": labels_file, "--batch-axis": batch_axis,
+                                            "--top-k-maps": top_k_maps, "several --target": several,
+                                            "--no-overlay": no_overlay, "--format": fmt,
+                                            "--precision": precision, "--calibration": calibration,
+                                            "--max-overlay-side": max_overlay_side})
     if panel and method not in ("gradcam", "guided-gradcam", "guided-backprop"):
         _fail("--panel shows Grad-CAM with Guided Backprop (the paper's Figure 1); use it with --method gradcam")
     if counterfactual and not info.uses_gradients:
         _fail(f"--counterfactual needs gradients; method '{method}' uses none")
-    for img in images:
-        if not os.path.exists(img):
-            _fail(f"image not found: {img}")
+    fmt = fmt.lower().replace("jpeg", "jpg") if fmt else None
+    if no_overlay:
+        for flag, given in (("--panel", panel), ("-o", out), ("--format", fmt), ("--max-overlay-side", max_overlay_side)):
+            if given:
+                _fail(f"{flag} is about the pictures, and --no-overlay writes none")
+    dataset.check_arguments(images)
     overrides = _preprocessing_overrides(preset, mean, std, size, layout)
     tag = "panel" if panel else ("counterfactual" if counterfactual else method.replace("+", "p"))
-    paths, folder = _output_paths(list(images), out, tag)
-    from ..cam.export import guard_outputs, model_files
-
+    if save_maps:
+        dataset.check_save_maps(save_maps)
+    if results_file:
+        dataset.check_results(results_file)
+    # The run's own output folders are never read as input (a second run over the same tree).
+    own_folders = [f for f in ((out if out is not None else "onnxcam-out") if not no_overlay else None,
+                               save_maps if save_maps and Path(save_maps).suffix.lower() != ".npz" else None) if f]
+    every_kind = dataset.IMAGE_SUFFIXES + (dataset.TENSOR_SUFFIX,)
+    items = dataset.make_items(dataset.collect(images, every_kind, own_folders))
     read = [*model_files(model), *([labels_file] if labels_file else []),
             *(e.split("=", 1)[1] for e in extra_inputs if "=" in e),
             *([region.split(":", 1)[1]] if region and ":" in region else [])]
-    guard_outputs(paths, read)
+
+    files_out = [*([save_maps] if save_maps else []), *([results_file] if results_file else [])]
+
+    def plan(items):
+        paths, to_create = _overlay_paths(items, out, tag, fmt) if not no_overlay else ([], None)
+        inputs_seen = {os.path.realpath(item.path) for item in items}
+        for f in files_out:
+            if os.path.realpath(f) in inputs_seen:
+                raise OnnxcamError(f"output {f} would overwrite an input image")
+        guard_outputs([*paths, *files_out], read)  # the model's files; the images were checked above
+        return paths, to_create
+
+    _, to_create = plan(items)  # before the model loads: a wrong -o is one line at once
+    if calibration and (precision or "").lower() not in ("int8", "auto"):
+        _fail("--calibration calibrates --precision int8 (or auto); give it with one of those")
+    calibration_images = [item.path for item in dataset.make_items(
+        dataset.collect(list(calibration), dataset.IMAGE_SUFFIXES, []))] if calibration else None
     explainer = Explainer(model, layer=_layer_names(layers), method="guided-gradcam" if panel else method,
-                          output=output_name, batch_size=batch_size, device=device, batch_axis=batch_axis)
+                          output=output_name, batch_size=batch_size, device=device, batch_axis=batch_axis,
+                          precision=precision.lower() if precision else None, calibration=calibration_images)
+    if precision:  # what ran, and why (auto reads the CPU's flags)
+        click.echo(f"onnxcam: precision: {explainer.precision.reason}", err=True)
     model_outputs = [o.name for o in explainer.source_model.graph.output]
-    if folder is not None and out is not None and out in model_outputs:
+    if to_create is not None and out is not None and out in model_outputs:
         # The issue tracker and other tools say "--output NAME" for the model output; here -o is the PNG path.
         _fail(f"'{out}' is an output of the model; -o/--output is where the PNGs go. To explain that output "
               f"use --output-name {out}")
@@ -280,112 +363,290 @@ def explain(model, images, out, layers, target, method, counterfactual, aug_smoo
         target_index = target_kinds.DetectionTarget(None, "class")
     else:
         target_index = _resolve_target(target, labels, k)
+    if multi:
+        if explainer.sample_shape is None or len(explainer.sample_shape) != 1 or explainer.is_detector:
+            _fail("several classes per image need a classifier's (N, classes) score")
+        if top_k_maps is not None and k is not None and top_k_maps > k:
+            _fail(f"--top-k-maps {top_k_maps}: the model has {k} classes")
+        target_index = target_kinds.top_classes(top_k_maps) if top_k_maps is not None else \
+            [[_resolve_target(t, labels, k) for t in several]]
     other_inputs = inputs.load_inputs(extra_inputs, explainer)
-    assumed = None  # said once the run has succeeded: a failed run prints its one error line only
-    as_arrays = _tensor_inputs(images, explainer)
-    if as_arrays:  # signals and volumes (or preprocessed tensors): given as they enter the model
-        if panel:
-            _fail("--panel shows 2-D images; this input is given as .npy tensors")
-        tensors = [_load_sample(img, explainer) for img in images]
-        pils = [render.tensor_image(t[0], explainer.layout) if t.ndim == 4 else None for t in tensors]
-    else:
-        pp = explainer.preprocessing(**overrides)
-        pils = [preprocess.load_image(img) for img in images]
-        tensors = [preprocess.to_tensor(p, pp) for p in pils]
-        if pp.source == "default":  # a plausible map from the wrong normalisation would pass unnoticed
-            assumed = (f"onnxcam: note: {model} carries no preprocessing metadata; normalising as ImageNet "
-                       f"(mean {_fmt_floats(pp.mean)}, std {_fmt_floats(pp.std)} on 0..1 RGB). Pass --preset or "
-                       f"--mean/--std, or store it in the model with `onnxcam metadata`")
-        # The overlay is a picture of a map at most 2048 px across: blending a 6000x4000 photo at full size cost
-        # 12.8 s and 1.9 GB for no visible gain. A panel's five tiles get 1024 px each.
-        pils = [render.fit(p, PANEL_SIDE if panel else OVERLAY_SIDE) for p in pils]
+
+    # Folders and globs hold what the model reads: images for an image model, .npy tensors for signals and
+    # volumes, or for an image model given its tensors directly.
+    direct = [item.path for item in items if item.direct]
+    tensors_only = explainer.image_rank != 4 or (direct and all(p.lower().endswith(".npy") for p in direct))
+    kind = (dataset.TENSOR_SUFFIX,) if tensors_only else dataset.IMAGE_SUFFIXES
+    if any(not item.direct for item in items):
+        items = dataset.make_items(dataset.collect(images, kind, own_folders))
+    as_arrays = _tensor_inputs([item.path for item in items], explainer)
+    if as_arrays and panel:
+        _fail("--panel shows 2-D images; this input is given as .npy tensors")
+    paths, _ = plan(items)
+    for name, arr in other_inputs.items():
+        if arr.shape[0] not in (1, len(items)):
+            _fail(f"--input {name} holds {arr.shape[0]} samples for {len(items)} image(s); give 1 or one per image")
+    pp = None if as_arrays else explainer.preprocessing(**overrides)
+    assumed = None  # said once the first batch has run: a failed run prints its one error line only
+    if pp is not None and pp.source == "default":  # a plausible map from the wrong normalisation would pass unnoticed
+        assumed = (f"onnxcam: note: {model} carries no preprocessing metadata; normalising as ImageNet "
+                   f"(mean {_fmt_floats(pp.mean)}, std {_fmt_floats(pp.std)} on 0..1 RGB). Pass --preset or "
+                   f"--mean/--std, or store it in the model with `onnxcam metadata`")
+    # The overlay is a picture of a map: blending a 6000x4000 photo at full size cost 12.8 s and 1.9 GB for no
+    # visible gain, and across a folder the PNG encoding of full-size overlays would take most of the run. A
+    # panel's five tiles get 1024 px each.
+    side = max_overlay_side or (OVERLAY_SIDE if all(item.direct for item in items) else DATASET_SIDE)
+    side = min(side, PANEL_SIDE) if panel else side
+    draw = not no_overlay
     opts = dict(aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+    one_batch = len(items) <= batch_size
+    options = "".join(f" ({name})" for name, on in (("counterfactual", counterfactual and not panel),
+                                                     ("aug-smooth", aug_smooth), ("eigen-smooth", eigen_smooth)) if on)
+    describe = (lambda i: target_kinds.describe(i) if isinstance(i, target_kinds.Target)
+                else labels[i] if labels is not None and i < len(labels) else str(i))
+    folders = dataset.Folders()
+    maps_out = dataset.MapsWriter(save_maps, maps_dtype, folders) if save_maps else None
+    results_out = dataset.ResultsWriter(results_file) if results_file else None
+    progress = dataset.Progress(len(items), show=not one_batch)
+    state = {"explained": 0, "skipped": 0, "said": False}
 
-    def run(batch: np.ndarray, cf: bool, progress=None):
-        return explainer.explain(inputs.batch_feeds(explainer, batch, other_inputs), target_index,
-                                 counterfactual=cf, progress=progress, **opts)
+    def load(item):
+        """Decode and preprocess one file (a pool thread); the full-size photo is dropped here, only the
+        picture the overlay needs is kept."""
+        if as_arrays:
+            tensor = _load_sample(item.path, explainer)
+            return tensor, (render.tensor_image(tensor[0], explainer.layout) if draw and tensor.ndim == 4 else None)
+        photo = preprocess.load_image(item.path)
+        tensor = preprocess.to_tensor(photo, pp)
+        if not draw:
+            return tensor, None
+        factor = max(photo.size) // side
+        if factor >= 2:  # a box reduction first: 5x cheaper than the bilinear filter over the whole photo
+            photo = photo.reduce(factor)
+        return tensor, render.fit(photo, side)
 
-    def run_all(cf: bool):
-        total = explainer.perturbation_count(len(tensors)) * (6 if aug_smooth else 1)
+    def skip(item, exc):
+        state["skipped"] += 1
+        click.echo(f"onnxcam: skipped {item.path}: {dataset.skip_reason(item.path, exc)}", err=True)
+        progress.update(1)
+
+    def run(tensors, rows, cf):
+        values = {n: (a if a.shape[0] == 1 else a[rows]) for n, a in other_inputs.items()}
+        feeds = inputs.batch_feeds(explainer, np.concatenate(tensors), values)
+        total = explainer.perturbation_count(len(tensors)) * (6 if aug_smooth else 1) if one_batch else 0
         if total:
             with click.progressbar(length=total, label=f"{method}: perturbed forward passes",
                                    file=sys.stderr) as bar:
-                return run(np.concatenate(tensors), cf, bar.update)
-        return run(np.concatenate(tensors), cf)  # a one-sample graph is run sample by sample by the Explainer
+                return explainer.explain(feeds, target_index, counterfactual=cf, progress=bar.update, **opts)
+        # (a one-sample graph is run sample by sample by the Explainer)
+        return explainer.explain(feeds, target_index, counterfactual=cf, **opts)
 
-    result = run_all(counterfactual and not panel)
-    contrary = run_all(True) if panel else None
+    def run_group(group):
+        tensors, rows = [t for _, t, _ in group], [item.index for item, _, _ in group]
+        result = run(tensors, rows, counterfactual and not panel)
+        contrary = run(tensors, rows, True) if panel else None
+        state["explained"] += len(group)
+        return [(entry, result, contrary, j) for j, entry in enumerate(group)]
 
-    name = (lambda i: target_kinds.describe(i) if isinstance(i, target_kinds.Target)
-            else labels[i] if labels is not None and i < len(labels) else str(i))
-    _make_folder(folder)
-    records = []
-    for i, (img, pil, path) in enumerate(zip(images, pils, paths)):
-        t = result.targets[i] if result.target_scores is not None else int(result.targets[i])
-        if pil is None:  # a 1-D signal (map over time as a curve) or a 3-D volume (a map per slice)
-            sample = tensors[i][0]
-            heat = result.heatmaps[i] if info.kind != "pixel" else render.unit_scale(np.abs(result.guided[i]).sum(0))
-            picture = render.curve(sample, heat, title=f"{Path(img).name}: {method} for {name(t)}") \
-                if sample.ndim == 2 else render.slices(sample, heat, alpha=alpha)
-            render.save_png(picture, path)
-        overlay = render.overlay(pil, result.heatmaps[i], alpha=alpha) if pil is not None else None
-        if overlay is not None and isinstance(t, target_kinds.DetectionTarget):
-            _draw_box(overlay, result.scores[i], t, tensors[i].shape, explainer.layout)
-        if pil is None:
-            pass
-        elif panel:
-            gb = render.gradient_image(result.extras["guided_backprop"][i], explainer.layout, pil.size)
-            ggc = render.gradient_image(result.guided[i], explainer.layout, pil.size)
-            cf = render.overlay(pil, contrary.heatmaps[i], alpha=alpha)
-            picture = render.panel([pil, overlay, gb, ggc, cf],
-                                   [f"{Path(img).name}", f"Grad-CAM '{name(t)}'", f"Guided Backprop '{name(t)}'",
-                                    f"Guided Grad-CAM '{name(t)}'", f"Counterfactual '{name(t)}'"])
-        elif info.kind == "pixel":
-            picture = render.gradient_image(result.guided[i], explainer.layout, pil.size)
-        else:
-            picture = overlay
-        if pil is not None:
-            render.save_png(picture, path)
-        scores = result.scores[i]
+    def explain_group(group):
+        """[(item, tensor, picture)] of one tensor shape -> [(the same, result, contrary result, row)]. A failing
+        batch is retried image by image, so that one bad sample (a NaN in a .npy) is skipped alone; when every
+        image fails before any has succeeded, the failure is the run's (the model, the target), not an image's."""
+        try:
+            return run_group(group)
+        except OnnxcamError as exc:
+            if len(items) == 1:
+                raise
+            failure = exc
+        done, errors = [], []
+        for entry in group if len(group) > 1 else ():
+            try:
+                done.extend(run_group([entry]))
+            except OnnxcamError as exc:
+                errors.append((entry, exc))
+        if len(group) == 1:
+            errors = [(group[0], failure)]
+        if not done and not state["explained"]:
+            raise errors[0][1]
+        for entry, exc in errors:
+            skip(entry[0], exc)
+        return done
+
+    def record(item, path, result, j):
+        """What the run says about one image (one target): stdout, --json, --results."""
+        t = result.targets[j] if result.target_scores is not None else int(result.targets[j])
+        scores = result.scores[j]
         probs = _softmax(scores.astype(np.float64))
         order = np.argsort(-scores)[:top] if scores.ndim == 1 else []  # a class list only for (N, K) scores
-        records.append({
-            "image": img, "output": str(path), "layers": list(explainer.layers), "method": method,
-            "counterfactual": counterfactual, "target": name(t) if result.target_scores is not None else t,
-            "target_label": name(t), "provider": explainer.provider,
-            "top": [{"class": int(c), "label": name(int(c)), "score": float(scores[c]),
+        classic = result.target_scores is None and scores.ndim == 1
+        rec = {
+            "image": item.path, "name": item.name, "output": str(path) if path is not None else None,
+            "layers": list(explainer.layers), "method": method, "counterfactual": counterfactual,
+            "target": describe(t) if result.target_scores is not None else t, "target_label": describe(t),
+            # the differentiated scalar y = <W, score> of a target object
+            "target_score": float(result.target_scores[j]) if result.target_scores is not None else None,
+            "score": float(result.target_scores[j]) if result.target_scores is not None else
+            (float(scores[t]) if classic else None),
+            "probability": float(probs[t]) if classic else None,
+            "provider": explainer.provider,
+            "top": [{"class": int(c), "label": describe(int(c)), "score": float(scores[c]),
                      "probability": float(probs[c])} for c in order],
-        })
-        if result.target_scores is not None:  # the differentiated scalar y = <W, score>
-            records[-1]["target_score"] = float(result.target_scores[i])
-        records[-1]["warnings"] = [re.sub(r"^sample \d+ ", "", w) for w in result.warnings
-                                   if re.match(rf"sample {i}\b", w)]
+            "warnings": [re.sub(r"^sample \d+ ", "", w) for w in result.warnings if re.match(rf"sample {j}\b", w)],
+            "note": None,
+            "k": 0,  # which of the image's targets (several classes per image: one record each)
+        }
         if (isinstance(t, target_kinds.RegionTarget) and t.mask is None and scores.ndim >= 2
                 and not (scores.argmax(0) == t.cls).any()):
-            records[-1]["note"] = f"class {t.cls} owns no pixel of the predicted mask: the region and its map are empty"
-    if assumed:
-        click.echo(assumed, err=True)
+            rec["note"] = f"class {t.cls} owns no pixel of the predicted mask: the region and its map are empty"
+        return rec, t
+
+    def picture_job(item, path, tensor, picture, result, contrary, j, t):
+        """Draws and writes one image's picture (a pool thread); holds only that image's rows of the batch."""
+        heat = result.heatmaps[j]
+        guided = result.guided[j] if result.guided is not None else None
+        scores = result.scores[j]
+        gb = result.extras["guided_backprop"][j] if panel else None
+        cf_heat = contrary.heatmaps[j] if panel else None
+
+        def write():
+            folders.ensure(path.parent)
+            if picture is None:  # a 1-D signal (map over time as a curve) or a 3-D volume (a map per slice)
+                sample = tensor[0]
+                h = heat if info.kind != "pixel" else render.unit_scale(np.abs(guided).sum(0))
+                image = render.curve(sample, h, title=f"{Path(item.path).name}: {method} for {describe(t)}") \
+                    if sample.ndim == 2 else render.slices(sample, h, alpha=alpha)
+                render.save_png(image, path, fast=True)
+                return
+            overlay = render.overlay(picture, heat, alpha=alpha)
+            if isinstance(t, target_kinds.DetectionTarget):
+                _draw_box(overlay, scores, t, tensor.shape, explainer.layout)
+            if panel:
+                gbi = render.gradient_image(gb, explainer.layout, picture.size)
+                ggc = render.gradient_image(guided, explainer.layout, picture.size)
+                cf = render.overlay(picture, cf_heat, alpha=alpha)
+                image = render.panel([picture, overlay, gbi, ggc, cf],
+                                     [f"{Path(item.path).name}", f"Grad-CAM '{describe(t)}'",
+                                      f"Guided Backprop '{describe(t)}'", f"Guided Grad-CAM '{describe(t)}'",
+                                      f"Counterfactual '{describe(t)}'"])
+            elif info.kind == "pixel":
+                image = render.gradient_image(guided, explainer.layout, picture.size)
+            else:
+                image = overlay
+            render.save_png(image, path, fast=True)
+        return write
+
+    def process(batch):
+        """Explains one batch (this thread), hands its pictures to the pool, and returns what reports it."""
+        entries = [(item, tensor, picture) for item, (tensor, picture) in batch]
+        groups, start = [], 0
+        for i in range(1, len(entries) + 1):  # .npy samples of a dynamic-size model may differ in shape
+            if i == len(entries) or entries[i][1].shape != entries[start][1].shape:
+                groups.append(entries[start:i])
+                start = i
+        explained = [e for group in groups for e in explain_group(group)]
+        explained.sort(key=lambda e: e[0][0].index)
+        if explained and not state["said"]:
+            state["said"] = True
+            if assumed:
+                click.echo(assumed, err=True)
+        records, writes = [], []
+        views = {}  # per result: one Explanation per target (several classes per image)
+        for (item, tensor, picture), result, contrary, j in explained:
+            if id(result) not in views:
+                views[id(result)] = [result] if result.targets_per_sample is None else \
+                    [result.per_target(q) for q in range(result.targets_per_sample)]
+            for q, view in enumerate(views[id(result)]):
+                path = paths[item.index] if draw else None
+                if path is not None and multi:  # cat_gradcam_top1.png / cat_gradcam_281.png
+                    which = f"top{q + 1}" if top_k_maps is not None else str(int(view.targets[j]))
+                    path = path.with_name(f"{path.stem}_{which}{path.suffix}")
+                rec, t = record(item, path, view, j)
+                rec["k"] = q
+                records.append(rec)
+                if draw:
+                    writes.append(pool.submit(picture_job(item, path, tensor, picture, view, contrary, j, t)))
+            if maps_out is not None:  # several targets: (K, ...) per image, in the order of the records
+                maps_out.add(item.name, (result.maps if maps_size == "layer" else result.heatmaps)[j])
+        del batch, entries, groups, explained
+
+        def finish():
+            for w in writes:
+                w.result()  # a write that failed (disk full) ends the run with its one line
+            writes.clear()
+            for rec in records:
+                if results_out is not None:
+                    results_out.add({"path": rec["image"], "k": rec["k"], "target": rec["target"],
+                                     "label": rec["target_label"],
+                                     "score": rec["score"], "probability": rec["probability"],
+                                     "layer": ",".join(rec["layers"]), "method": rec["method"]})
+                _report(rec, as_json, method, options)
+            if results_out is not None:
+                results_out.flush()
+            progress.update(len(records))
+        return finish
+
+    pool = ThreadPoolExecutor(max_workers=dataset.workers(), thread_name_prefix="onnxcam-io")
+    try:
+        dataset.stream_batches(items, load, batch_size, pool, process, skip if len(items) > 1 else None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.close()
+        try:
+            if maps_out is not None:
+                maps_out.close()
+        finally:
+            if results_out is not None:
+                results_out.close()
+    if state["skipped"]:
+        if not state["explained"]:
+            _fail(f"none of the {len(items)} images could be read (each is named above)")
+        click.echo(f"onnxcam: skipped {state['skipped']} of {len(items)} images (named above); the other "
+                   f"{state['explained']} were explained", err=True)
+        ctx.exit(1)
+
+
+def _explain_on_ray(model, images, out, address, *, overrides, unsupported, **options) -> None:
+    """`onnxcam explain ... --ray [ADDRESS]`: the folder through onnxcam.ray's pipeline into Parquet files."""
+    from ..ray import explain_folder
+
+    given = [flag for flag, value in unsupported.items() if value not in (None, False, (), [])]
+    if given:
+        _fail(f"--ray writes one Parquet row per image (target, label, score, probability, heatmap); "
+              f"{', '.join(given)} go without it")
+    if out is None:
+        _fail("--ray needs -o FOLDER: where the Parquet files go")
+    for path in images:
+        if "://" not in path and not os.path.exists(path):
+            _fail(f"not found: {path}")
+    summary = explain_folder(model, list(images), out, address=None if address == "local" else address,
+                             **overrides, **{k: v for k, v in options.items() if v is not None})
+    click.echo(f"wrote {summary['rows']} rows to {summary['out_dir']} in {summary['seconds']:.1f} s "
+               f"({summary['images_per_second']:.1f} images/s)" +
+               (f"; {summary['errors']} unreadable (see the 'error' column)" if summary["errors"] else ""))
+    if summary["errors"]:
+        raise click.exceptions.Exit(1)
+
+
+def _report(rec: dict, as_json: bool, method: str, options: str) -> None:
+    """One image's lines on stdout (its notes and warnings on stderr), or its JSON line."""
     if as_json:
-        click.echo(json.dumps(records if len(records) > 1 else records[0], indent=2))
+        click.echo(json.dumps(rec, separators=(",", ":")))
         return
-    options = "".join(f" ({name})" for name, on in (("counterfactual", counterfactual and not panel),
-                                                     ("aug-smooth", aug_smooth), ("eigen-smooth", eigen_smooth)) if on)
-    for rec in records:
-        what = f"{rec['target']} (score {rec['target_score']:.4f})" if "target_score" in rec else \
-            f"class {rec['target']} ({rec['target_label']})"
-        where = "from the input gradient" if method in ("guided-backprop", "deconvnet") else \
-            f"at layer {', '.join(rec['layers'])}"
-        click.echo(f"{rec['image']}: {method}{options} for {what} {where} -> {rec['output']} [{rec['provider']}]")
-        if "note" in rec:
-            click.echo(f"onnxcam: note: {rec['image']}: {rec['note']}", err=True)
-        for w in rec["warnings"]:
-            click.echo(f"onnxcam: warning: {rec['image']}: {w}", err=True)
-        for rank, entry in enumerate(rec["top"], 1):
-            click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
-                       f"p={entry['probability']:.4f}")
+    what = f"{rec['target']} (score {rec['target_score']:.4f})" if rec["target_score"] is not None else \
+        f"class {rec['target']} ({rec['target_label']})"
+    where = "from the input gradient" if method in ("guided-backprop", "deconvnet") else \
+        f"at layer {', '.join(rec['layers'])}"
+    to = f" -> {rec['output']}" if rec["output"] is not None else ""
+    click.echo(f"{rec['image']}: {method}{options} for {what} {where}{to} [{rec['provider']}]")
+    if rec["note"]:
+        click.echo(f"onnxcam: note: {rec['image']}: {rec['note']}", err=True)
+    for w in rec["warnings"]:
+        click.echo(f"onnxcam: warning: {rec['image']}: {w}", err=True)
+    for rank, entry in enumerate(rec["top"], 1):
+        click.echo(f"  {rank}. {entry['label']:<30} class {entry['class']:>5}  score {entry['score']:9.4f}  "
+                   f"p={entry['probability']:.4f}")
 
 
-OVERLAY_SIDE, PANEL_SIDE = 2048, 1024
 
 
 def _fmt_floats(values) -> str:
@@ -548,10 +809,20 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
 @click.option("--layer", "layers", multiple=True, help="ONNX tensor(s) to explain, repeated or comma-separated (default: automatic).")
 @click.option("--method", default="gradcam", show_default=True, help=f"One of: {', '.join(methods.METHODS)}.")
 @_preprocessing_options
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Serve from Ray Serve replicas, each with its own session (pip install 'onnxcam[ray]'). Without "
+                   "ADDRESS a new local Ray instance; 'auto' or ray://HOST:PORT deploys on a cluster.")
+@click.option("--replicas", type=click.IntRange(1, None), help="Ray Serve replicas (with --ray) [default: 1].")
+@click.option("--replica-cpus", type=click.FloatRange(0, None),
+              help="CPUs per replica (with --ray); onnxruntime uses as many threads [default: 1].")
+@click.option("--replica-gpus", type=click.FloatRange(0, None),
+              help="GPUs per replica (with --ray) [default: 1 with --device cuda/tensorrt, else 0].")
 @_device_option
-def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, max_image_mp,
+@click.pass_context
+def serve_cmd(ctx, model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, max_image_mp,
               max_request_mp, max_inflight_mp, max_overlay_side, header_timeout, body_timeout, keep_alive_timeout,
-              max_connections, layers, method, preset, mean, std, size, layout, labels_file, device):
+              max_connections, layers, method, preset, mean, std, size, layout, labels_file, device,
+              ray_address=None, replicas=None, replica_cpus=None, replica_gpus=None):
     """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
     from .. import serve
 
@@ -561,6 +832,26 @@ def serve_cmd(model, host, port, name, max_batch, batch_wait_ms, max_queue, work
     limits = serve.Limits(image_pixels=round(max_image_mp * 1e6), request_pixels=round(max_request_mp * 1e6),
                           inflight_pixels=round(max_inflight_mp * 1e6), overlay_side=max_overlay_side,
                           body_timeout=body_timeout)
+    if ray_address is None:
+        given = [f for f, v in (("--replicas", replicas), ("--replica-cpus", replica_cpus),
+                                ("--replica-gpus", replica_gpus)) if v is not None]
+        if given:
+            _fail(f"{', '.join(given)} go with --ray")
+    else:
+        # Ray's proxy owns the connections: the single process's connection limits do not apply there.
+        src = click.core.ParameterSource.COMMANDLINE
+        given = [f"--{p.replace('_', '-')}" for p in ("workers", "header_timeout", "max_connections")
+                 if ctx.get_parameter_source(p) == src]
+        if given:
+            _fail(f"{', '.join(given)} belong to the single-process server; Ray Serve's proxy has its own")
+        from ..ray.serve import run as run_ray
+
+        run_ray(model, replicas=replicas or 1, host=host, port=port, name=name, max_batch=max_batch,
+                max_queue=max_queue, max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=_layer_names(layers),
+                method=method, device=device, limits=limits, labels=labels, preprocess_overrides=overrides,
+                num_cpus=1.0 if replica_cpus is None else replica_cpus, num_gpus=replica_gpus,
+                keep_alive_timeout=keep_alive_timeout, address=None if ray_address == "local" else ray_address)
+        return
     serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
               max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=_layer_names(layers), method=method,
               device=device, limits=limits, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
@@ -695,7 +986,8 @@ def ops(markdown):
 
 def main(argv=None) -> int:
     try:
-        cli.main(args=argv, prog_name="onnxcam", standalone_mode=False)
+        # standalone_mode=False hands back ctx.exit()'s status: explain's 1 when it skipped an unreadable image
+        status = cli.main(args=argv, prog_name="onnxcam", standalone_mode=False)
     except OnnxcamError as exc:
         click.echo(f"onnxcam: error: {exc}", err=True)
         return EXIT_USAGE
@@ -719,7 +1011,7 @@ def main(argv=None) -> int:
         text = str(exc).strip().splitlines()
         click.echo(f"onnxcam: internal error: {type(exc).__name__}: {text[0] if text else ''}", err=True)
         return 1
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from ..images import preprocess, render
 from ..images.labels import match_label
 from ..model import layouts, select
 from ..model.graph import ModelLike, ModelView, ensure_opset, infer_shapes, load_model, opset_version, prune
+from . import precision as precisions
 from .runtime import (explicit_gpu, first_line, make_session, ortvalue_dtype, require_finite, resolve_device,
                       session_device)
 
@@ -182,12 +183,14 @@ class Explainer:
                  providers: Sequence | None = None, output: str | None = None, layout: str | None = None,
                  batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
                  session_options=None, device: str | None = None, base_dir=None,
-                 batch_axis: int | None = None):
+                 batch_axis: int | None = None, precision: str | None = None, calibration=None):
         self.method_info = methods.get_method(method)
         method = self.method_info.name  # "GradCAM" and "gradcam" are one method
         strict = providers is None and explicit_gpu(device)  # no silent CPU fallback for a named GPU
         if providers is None and device is not None:  # `providers` wins over `device`; neither: the CPU
             providers = resolve_device(device)
+        # onnxcam.run.precision; it applies to the fused session only (the auxiliary ones stay fp32 onnxruntime).
+        self.precision = precisions.choose(precision, providers, calibrated=calibration is not None)
         source = load_model(model, base_dir)  # base_dir: where bytes/ModelProto may read external data
         self.source_model = source
         # Every graph onnxcam derives (fused, Score-CAM, Ablation-CAM) uses opset-11 op forms; an older model is
@@ -233,7 +236,12 @@ class Explainer:
         self.model = build.build_explain_graph(inferred, spec)
         self.providers = providers
         self.session_options = session_options
-        self.session = make_session(self.model, providers, session_options, strict=strict)
+        if self.precision.precision == "fp32":
+            self.session = make_session(self.model, providers, session_options, strict=strict)
+        else:
+            self.session, self.precision = precisions.open_session(
+                self.model, self.precision, session_options, self.image_input, self.layers, calibration,
+                self.input_shapes[self.image_input], preprocess.model_metadata(source), source=inferred, spec=spec)
         self.num_classes = _static_classes(view, self.score)
         score_dims = view.shape(self.score)
         self.score_rank = None if score_dims is None else len(score_dims)
@@ -525,7 +533,9 @@ class Explainer:
             return dict(zip([o.name for o in session.get_outputs()], session.run(None, run_feeds)))
         except Exception as exc:
             self._check_batch_rows(feeds)  # a misread batch axis fails in the seed: say that, not where it broke
-            raise OnnxcamError(f"onnxruntime failed: {first_line(exc)}") from None
+            # precision's sessions name the engine that failed (OpenVINO or onnxruntime) in their message.
+            engine = "" if isinstance(exc, precisions.EngineError) else "onnxruntime failed: "
+            raise OnnxcamError(f"{engine}{first_line(exc)}") from None
 
     def _check_batch_rows(self, feeds) -> None:
         try:

@@ -1,0 +1,570 @@
+"""Reduced-precision execution of the fused explain graph on the CPU (`Explainer(..., precision=)`).
+
+fp32 is onnxruntime, as without `precision`. bf16 and fp16 run on OpenVINO (the `openvino` package, extra
+`onnxcam[openvino]`), whose CPU plugin runs convolutions and matrix products in that type where the CPU has units
+for it. For gradient and eigen methods the model is cut at the layers (SplitSession): the trunk before them --
+nearly all the compute -- is compiled by OpenVINO and hands out the activations; the head after them, its
+gradient, the CAM arithmetic and the heatmap run in an onnxruntime fp32 session of the fused graph built on the
+head alone. OpenVINO runs those small ops on dynamic shapes slowly (the whole fused graph cost it 1.2-1.45x its
+forward) and in bf16 (the heatmap Resize among them); onnxruntime runs them at ~1.05x of its forward, in fp32.
+Where the head cannot be cut, or holds too much of the compute, the whole fused graph goes to OpenVINO
+(Choice.reason says which). onnxruntime-openvino is not used: it installs its own `onnxruntime` module, which
+shadows the CPU or GPU build onnxcam runs on.
+
+`auto` reads the CPU's flags (/proc/cpuinfo) and says what it picked and why (`Choice.reason`). Accuracy and
+speed against fp32 are measured by tools/bench_precision.py; docs/precision.md holds the figures."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from ..cam import build, methods
+from ..errors import OnnxcamError, first_line
+from ..images import preprocess
+from ..model import safeio
+from ..model.graph import ModelView, ancestors, prune, subgraph_reads, value_info
+from .runtime import make_session
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+OPENVINO_HINT = "pip install 'onnxcam[openvino]'"
+
+# Flags (Linux /proc/cpuinfo names) of units that compute in each type. avx512_bf16 (Cooper Lake, Zen 4 and
+# later) has bf16 dot products; amx_bf16 (Sapphire Rapids and later) tile matrix units. Without one of them
+# OpenVINO would not run bf16 at all (or emulate it slower than fp32), so asking for it is refused.
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+FP16_FLAGS = ("amx_fp16", "avx512_fp16")
+# int8 dot products: onnxruntime's int8 convolutions are fast with these, and emulated (slower) without.
+INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(path: str = CPUINFO) -> frozenset | None:
+    """The CPU's feature flags, as the kernel reports them; None where they cannot be read (not Linux)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86, arm64
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return frozenset()
+
+
+def cpu_name(path: str = CPUINFO) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@dataclass(frozen=True)
+class Choice:
+    precision: str  # fp32, bf16 or fp16: what runs
+    engine: str  # "onnxruntime", "openvino", or "openvino+onnxruntime" (the trunk on one, the head on the other)
+    reason: str  # one line: why this precision, for the user to read
+    requested: str = "fp32"
+
+
+def openvino_version() -> str | None:
+    """The installed openvino's version, without importing it (its import costs ~0.5 s)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _units(flags, wanted) -> list:
+    return [f for f in wanted if flags and f in flags]
+
+
+def choose(precision: str | None, providers=None, flags=None, calibrated: bool = False) -> Choice:
+    """The precision and engine for a request. `providers`: the onnxruntime providers asked for (None: CPU);
+    reduced precision is a CPU feature here, so with a GPU provider `auto` stays fp32 and the others are refused.
+    `flags`: the CPU's flags (default: read from /proc/cpuinfo). `calibrated`: calibration images were given,
+    which int8 needs (and which `auto` takes as leave to use int8)."""
+    name = (precision or "fp32").lower()
+    if name not in PRECISIONS:
+        raise OnnxcamError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if name == "fp32":
+        return Choice("fp32", "onnxruntime", "fp32 requested" if precision else "fp32 (the default)", "fp32")
+    gpu = [q for q in (p[0] if isinstance(p, tuple) else p for p in (providers or [])) if q != "CPUExecutionProvider"]
+    if gpu:
+        if name == "auto":
+            return Choice("fp32", "onnxruntime", f"auto: fp32 on {gpu[0]} (reduced precision is for the CPU)",
+                          name)
+        raise OnnxcamError(f"precision {name} runs on the CPU; it cannot be combined with {gpu[0]}")
+    flags = cpu_flags() if flags is None else flags
+    if name == "int8" and not calibrated:
+        raise OnnxcamError("precision int8 needs calibration images (--calibration, or calibration=[arrays or image paths]): the "
+                           "activation ranges are measured on them")
+    if name == "auto":
+        return _auto(flags, calibrated)
+    if name == "int8":
+        units = _units(flags, INT8_FLAGS)
+        if flags is not None and not units:
+            raise OnnxcamError(f"precision int8 needs a CPU with int8 dot-product units ({' or '.join(INT8_FLAGS)} "
+                               f"among its flags); this one has none (use fp32 or auto)")
+        why = f"the CPU has {', '.join(units)}" if units else f"the CPU's flags could not be read from {CPUINFO}"
+        return Choice("int8", "onnxruntime", f"int8 requested: onnxruntime, trunk up to the layer quantized ({why})",
+                      name)
+    wanted = BF16_FLAGS if name == "bf16" else FP16_FLAGS
+    units = _units(flags, wanted)
+    if flags is not None and not units:
+        raise OnnxcamError(f"precision {name} needs a CPU with {name} units ({' or '.join(wanted)} among its "
+                           f"flags); this one has neither (use fp32 or auto)")
+    ov = openvino_version()
+    if ov is None:
+        raise OnnxcamError(f"precision {name} runs on OpenVINO, which is not installed: {OPENVINO_HINT}")
+    why = f"the CPU has {', '.join(units)}" if units else f"the CPU's flags could not be read from {CPUINFO}"
+    return Choice(name, "openvino", f"{name} requested: OpenVINO {ov} ({why})", name)
+
+
+def _auto(flags, calibrated: bool) -> Choice:
+    if flags is None:
+        return Choice("fp32", "onnxruntime", f"auto: fp32 (cannot read the CPU's flags from {CPUINFO})", "auto")
+    bf16, int8 = _units(flags, BF16_FLAGS), _units(flags, INT8_FLAGS)
+    ov = openvino_version()
+    if bf16 and ov is not None:
+        return Choice("bf16", "openvino", f"auto: bf16 on OpenVINO {ov} (the CPU has {', '.join(bf16)})", "auto")
+    if calibrated and int8:
+        return Choice("int8", "onnxruntime", f"auto: int8 trunk on onnxruntime (calibration images given; the CPU "
+                      f"has {', '.join(int8)}{'' if not bf16 else ' and ' + bf16[0] + ', but OpenVINO is not installed'})",
+                      "auto")
+    if bf16:
+        return Choice("fp32", "onnxruntime", f"auto: fp32 (the CPU has {bf16[0]}, but bf16 runs on OpenVINO, which is "
+                      f"not installed: {OPENVINO_HINT})", "auto")
+    why = f"this CPU has no bf16 units (neither {' nor '.join(BF16_FLAGS)} among its flags)"
+    if int8:
+        why += f"; int8 ({int8[0]}) needs calibration images"
+    return Choice("fp32", "onnxruntime", f"auto: fp32 ({why})", "auto")
+
+
+# -- OpenVINO ------------------------------------------------------------------------------------
+_OV_TYPES = {"f32": "float", "f16": "float16", "f64": "double", "i64": "int64", "i32": "int32", "i8": "int8",
+             "u8": "uint8", "boolean": "bool"}
+# Layers whose runtime precision says whether the reduced type was really used: the ones that carry the work.
+_HEAVY = ("Convolution", "FullyConnected", "MatMul", "Deconvolution", "GroupConvolution")
+
+
+@dataclass(frozen=True)
+class _Port:
+    """What onnxruntime's NodeArg offers and the Explainer reads: name, shape, type."""
+    name: str
+    shape: list
+    type: str
+
+
+class EngineError(RuntimeError):
+    """A run failed inside an engine other than onnxruntime; the message names it ("OpenVINO failed: ...")."""
+
+
+class OpenVINOSession:
+    """The fused graph compiled by OpenVINO for the CPU, behind the part of onnxruntime's InferenceSession the
+    Explainer uses: run(None | names, feeds), get_inputs(), get_outputs(), get_providers(). One infer request per
+    thread, so that it can be shared across threads as an InferenceSession can. `heavy_layers`: (how many of the
+    compute-heavy layers run in the reduced type, how many there are), read from the compiled model."""
+
+    def __init__(self, model: onnx.ModelProto, precision: str, threads: int = 0):
+        for t, _top in safeio.model_tensors(model):
+            if safeio.is_external(t):
+                raise OnnxcamError(f"precision {precision} cannot take a model whose weights are stored as external "
+                                   f"data (tensor '{t.name}'); use fp32")
+        try:
+            import openvino as ov
+        except ImportError:
+            raise OnnxcamError(f"precision {precision} runs on OpenVINO, which is not installed: "
+                               f"{OPENVINO_HINT}") from None
+        self.precision = precision
+        config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}[precision],
+                  "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        core = ov.Core()
+        try:
+            self._compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
+        except Exception as exc:
+            raise OnnxcamError(f"OpenVINO cannot compile the explain graph: {first_line(exc)}") from None
+        self._inputs = [self._port(p) for p in self._compiled.inputs]
+        self._outputs = [self._port(p) for p in self._compiled.outputs]
+        self._output_index = {p.name: i for i, p in enumerate(self._outputs)}
+        self.heavy_layers = self._heavy_layers(precision)
+        self._local = threading.local()
+
+    @staticmethod
+    def _port(port) -> _Port:
+        # A tensor can hold several names in OpenVINO; the first is not always the ONNX one, so prefer
+        # an onnxcam name where there is one, else the sorted first for stability.
+        names = sorted(port.get_names())
+        name = next((n for n in names if n.startswith("onnxcam_")), names[0] if names else port.get_any_name())
+        dims = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+        return _Port(name, dims, f"tensor({_OV_TYPES.get(port.get_element_type().get_type_name(), 'unknown')})")
+
+    def _heavy_layers(self, precision: str) -> tuple[int, int]:
+        want = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}[precision]
+        used = total = 0
+        try:
+            for op in self._compiled.get_runtime_model().get_ordered_ops():
+                info = op.get_rt_info()
+                if info["layerType"].astype(str) in _HEAVY:
+                    total += 1
+                    used += info["runtimePrecision"].astype(str) == want
+        except Exception:  # the runtime model's layout is OpenVINO's own: unknown means unknown
+            return -1, -1
+        return used, total
+
+    def get_inputs(self) -> list:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list:
+        return list(self._outputs)
+
+    def get_providers(self) -> list:
+        return [f"OpenVINO-CPU-{self.precision}"]
+
+    def run(self, output_names, feeds, run_options=None) -> list:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        wanted = {p.name for p in self._inputs}
+        try:
+            request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items() if k in wanted})
+        except Exception as exc:
+            raise EngineError(f"OpenVINO failed: {first_line(exc)}") from None
+        # The request owns its output buffers and overwrites them on its next run: copies leave with the caller.
+        values = [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self._outputs))]
+        if output_names is None:
+            return values
+        return [values[self._output_index[n]] for n in output_names]
+
+    def io_binding(self):
+        raise OnnxcamError(f"explain_bound needs an onnxruntime session; precision {self.precision} runs on "
+                           f"OpenVINO (use explain)")
+
+
+# -- int8 -------------------------------------------------------------------------------------------
+def calibration_inputs(calibration, input_shape, metadata=None) -> list:
+    """The calibration images as input tensors, one (1, ...) array each: arrays are taken as preprocessed
+    input (one sample, or a batch split into samples); paths and PIL images are preprocessed as the model's
+    metadata says (onnxcam.images.preprocess), as explain_image does without overrides."""
+    if calibration is None:
+        return []
+    items = [calibration] if isinstance(calibration, (np.ndarray, str, os.PathLike)) else list(calibration)
+    rank = len(input_shape) if input_shape is not None else None
+    out, pp = [], None
+    for item in items:
+        if isinstance(item, np.ndarray):
+            a = np.asarray(item, np.float32)
+            if rank is not None and a.ndim == rank - 1:
+                a = a[None]
+            if rank is not None and a.ndim != rank:
+                raise OnnxcamError(f"a calibration array has shape {a.shape}; the model's input has {rank} dims")
+            out.extend(a[i:i + 1] for i in range(len(a)))
+        else:
+            if pp is None:
+                pp = preprocess.resolve_preprocess(input_shape, metadata=metadata or {})
+            out.append(preprocess.to_tensor(preprocess.load_image(item), pp))
+    if not out:
+        raise OnnxcamError("the calibration images are empty")
+    return out
+
+
+def trunk_nodes(model: onnx.ModelProto, layers) -> list[str]:
+    """The names of the nodes the layers are computed from (the forward graph up to them). Only these are
+    quantized: the head after the layer, the gradient and the CAM arithmetic never see a QDQ pair, so no
+    gradient rule has to know about quantization."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, stack = set(), list(layers)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(node.input)
+    return [n.name for n in model.graph.node if n.name in seen]
+
+
+def quantize_trunk(model: onnx.ModelProto, image: str, layers, samples: list) -> onnx.ModelProto:
+    """The fused graph with its trunk quantized to int8 (static QDQ, per-channel weights, activation ranges
+    from `samples` by onnxruntime.quantization's MinMax calibration)."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    extra = [i.name for i in model.graph.input if i.name != image and not i.name.startswith("onnxcam_")]
+    if extra:
+        raise OnnxcamError(f"int8 calibration feeds the image input only; the model also takes '{extra[0]}'")
+    fixed = {build.TARGET: np.full(1, -1, np.int64), build.SIGN: np.ones(1, np.float32),
+             build.WEIGHTS: np.zeros((1, 1), np.float32), build.SELECT: np.zeros((1, 1), bool),
+             build.GROUP: np.zeros((1, 1), bool)}
+    names = {i.name for i in model.graph.input}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(samples)
+
+        def get_next(self):
+            x = next(self._it, None)
+            return None if x is None else {image: x, **{k: v for k, v in fixed.items() if k in names}}
+
+    nodes = trunk_nodes(model, layers)
+    if not nodes:
+        raise OnnxcamError("int8: the layer is the model's input; there is no trunk to quantize")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "int8.onnx")
+        try:
+            # The quantizer's numpy warnings (a zero-range tensor's scale) and its root-logger advice
+            # ("consider pre-processing") are its own business, not the user's terminal.
+            previous = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # U8 activations, S8 per-channel weights: what onnxruntime's x86 int8 kernels (VNNI) take.
+                quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                nodes_to_quantize=nodes)
+        except Exception as exc:
+            raise OnnxcamError(f"int8 quantization failed: {first_line(exc)}") from None
+        finally:
+            logging.disable(previous)
+        return onnx.load(out)
+
+
+# -- the split: trunk on OpenVINO, head on onnxruntime ----------------------------------------------
+CUT = "onnxcam_cut_"
+# Above this share of the forward's multiply-adds in the head, the split loses: the head then runs in fp32
+# (about twice bf16's time on this kind of CPU) together with its backward (about twice its forward), ~6x its
+# share of the bf16 forward, which passes the 0.2-0.45x of the forward that the whole fused graph on OpenVINO adds.
+HEAD_SHARE_LIMIT = 0.05
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Cut:
+    trunk: onnx.ModelProto  # the model's inputs -> `onnxcam_cut_j` = tensors[j]
+    head: onnx.ModelProto  # the head alone: tensors (and the model's inputs it reads) -> the score
+    tensors: tuple  # what the head reads from the trunk: the layers, then any other tensor it needs
+    head_share: float  # of the forward's multiply-adds (those whose shapes are known)
+
+
+def _macs(view: ModelView, node: onnx.NodeProto) -> int:
+    """Multiply-adds per sample of a convolution or matrix product; 0 where a shape is unknown."""
+    if node.op_type not in _MAC_OPS:
+        return 0
+    # The second input's shape (the weight, nearly always known) gives the reduced dim: (C_out, C_in/group,
+    # *kernel) for a convolution, whose each output reads C_in/group * kernel; (K, M), or (M, K) under transB.
+    out, w = view.shape(node.output[0]), view.shape(node.input[1])
+    if not out or not w or not all(isinstance(d, int) for d in [*out[1:], *w]):
+        return 0
+    if node.op_type.startswith("Conv"):
+        k = int(np.prod(w[1:]))
+    elif node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+        k = w[-1]
+    else:
+        k = w[-2] if len(w) >= 2 else w[0]
+    return int(np.prod(out[1:])) * k
+
+
+def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str) -> Cut:
+    """The (shape-inferred) model cut at the layers into the trunk before them and the head after them, as
+    onnxcam.cam.build.repeat_layers finds the head: the nodes downstream of the layers that the score needs.
+    Whatever else the head reads and is computed from the inputs (a skip connection, a shape read from the
+    image) the trunk hands out too; what is computed from constants alone goes with the head. OnnxcamError
+    (the reason) where the model cannot be cut there."""
+    view = ModelView(model)
+    inputs = set(view.graph_inputs)
+    if any(layer in inputs for layer in layers):
+        raise OnnxcamError("the layer is a model input: there is no trunk before it")
+    needed = ancestors(view, [score])
+    downstream, head = set(layers), []
+    for node in view.graph.node:  # topologically sorted (model.safeio checks it)
+        if any(i in downstream for i in node.input if i) or (
+                node.attribute and any(r in downstream for r in subgraph_reads(node))):
+            downstream.update(o for o in node.output if o)
+            if any(o in needed for o in node.output):
+                head.append(node)
+    for layer in layers:
+        producer = view.producer.get(layer)
+        if producer is not None and any(i in downstream for i in producer.input):
+            raise OnnxcamError(f"layer '{layer}' is computed from another explained layer")
+    if score not in downstream:
+        raise OnnxcamError(f"the score '{score}' is not computed from the layer")
+    produced = {o for n in head for o in n.output}
+    reads = dict.fromkeys(i for n in head for i in [*n.input, *sorted(subgraph_reads(n))]
+                          if i and i not in produced and i not in layers and i not in view.initializers)
+    extra = [t for t in reads if t not in inputs and ancestors(view, [t]) & inputs]
+    constant = ancestors(view, [t for t in reads if t not in inputs and t not in extra])
+    keep = {id(n) for n in head} | {id(n) for n in view.graph.node if any(o in constant for o in n.output)}
+    tensors = (*layers, *extra)
+    for t in tensors:
+        if view.shape(t) is None and t in layers:
+            raise OnnxcamError(f"the shape of layer '{t}' is unknown")
+
+    def typed(name, as_name=None):
+        return value_info(as_name or name, view.elem_type(name), view.shape(name))
+
+    head_model = onnx.ModelProto()
+    head_model.CopyFrom(model)
+    g = head_model.graph
+    nodes = [c for src, c in zip(view.graph.node, g.node) if id(src) in keep]
+    kept = [onnx.NodeProto() for _ in nodes]
+    for c, n in zip(kept, nodes):
+        c.CopyFrom(n)
+    del g.node[:]
+    g.node.extend(kept)
+    image_vi = [i for i in model.graph.input if i.name == image]
+    originals = list(g.input)
+    del g.input[:]
+    g.input.extend([typed(t) for t in tensors] + originals)
+    del g.output[:]
+    g.output.append(typed(score))
+    prune(head_model, [score])
+    if image not in {i.name for i in g.input}:  # the fused graph reads the heatmap's size from the image
+        g.input.extend(image_vi)
+    inside = {o for n in g.node for o in n.output}
+    infos = [v for v in g.value_info if v.name in inside]
+    del g.value_info[:]
+    g.value_info.extend(infos)
+
+    trunk = onnx.ModelProto()
+    trunk.CopyFrom(model)
+    outs = [f"{CUT}{j}" for j in range(len(tensors))]
+    trunk.graph.node.extend(onnx.helper.make_node("Identity", [t], [o]) for t, o in zip(tensors, outs))
+    del trunk.graph.output[:]
+    trunk.graph.output.extend(typed(t, o) for t, o in zip(tensors, outs))
+    prune(trunk, outs)
+
+    total = sum(_macs(view, n) for n in view.graph.node)
+    share = sum(_macs(view, n) for n in head) / total if total else 0.0
+    return Cut(trunk, head_model, tensors, share)
+
+
+class SplitSession:
+    """The fused graph run in two stages behind the session interface the Explainer uses (run(None | names,
+    feeds) -> the fused graph's outputs, get_inputs/get_outputs/get_providers): `trunk` (OpenVINOSession)
+    computes the tensors the head reads; `head` (onnxruntime) is the fused explain graph of the head alone, with
+    the same outputs as the whole one. Shareable across threads as both stages are."""
+
+    def __init__(self, trunk: OpenVINOSession, head, tensors):
+        self.trunk, self.head = trunk, head
+        self.stages = (trunk, head)
+        self.precision = trunk.precision
+        self.heavy_layers = trunk.heavy_layers  # of the trunk: the head is fp32 by design
+        names = {p.name for p in trunk.get_outputs()}
+        self._cut = [(f"{CUT}{j}", t) for j, t in enumerate(tensors)]
+        missing = [c for c, _ in self._cut if c not in names]
+        if missing:
+            raise OnnxcamError(f"OpenVINO's trunk does not hand out '{missing[0]}'")
+        cut = set(tensors)
+        head_inputs = [i for i in head.get_inputs() if i.name not in cut]
+        self._head_inputs = {i.name for i in head_inputs}
+        trunk_inputs = trunk.get_inputs()
+        seen = {p.name for p in trunk_inputs}
+        self._inputs = trunk_inputs + [i for i in head_inputs if i.name not in seen]
+
+    def get_inputs(self) -> list:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list:
+        return self.head.get_outputs()
+
+    def get_providers(self) -> list:
+        # The trunk's engine first: it runs nearly all the compute (Explainer.provider reads the first).
+        return [*self.trunk.get_providers(), *self.head.get_providers()]
+
+    def run(self, output_names, feeds, run_options=None) -> list:
+        ports = self.trunk.get_outputs()
+        acts = dict(zip((p.name for p in ports), self.trunk.run(None, feeds)))
+        head_feeds = {k: v for k, v in feeds.items() if k in self._head_inputs}
+        head_feeds.update({t: acts[c] for c, t in self._cut})
+        try:
+            return self.head.run(output_names, head_feeds, run_options)
+        except Exception as exc:
+            raise EngineError(f"onnxruntime failed (the head after the layer): {first_line(exc)}") from None
+
+    def io_binding(self):
+        raise OnnxcamError(f"explain_bound needs an onnxruntime session; precision {self.precision} runs the trunk "
+                           f"on OpenVINO (use explain)")
+
+
+def _head_options(options):
+    if options is not None:
+        return options
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The head's thread pool would otherwise spin after each run on the cores OpenVINO's next trunk run needs.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelProto, spec):
+    """(SplitSession, None), or (None, why the fused graph is not split)."""
+    kind = methods.get_method(spec.method).kind
+    if kind == "pixel":
+        return None, "its gradient reaches the input, through the whole model"
+    if kind == "perturbation":
+        return None, "its fused graph is the forward alone"
+    try:
+        cut = cut_at_layers(source, spec.layers, spec.score, spec.image)
+    except OnnxcamError as exc:
+        return None, f"the head cannot be cut at the layer: {first_line(exc)}"
+    if cut.head_share > HEAD_SHARE_LIMIT:
+        return None, (f"the head after the layer holds {cut.head_share:.0%} of the multiply-adds, which fp32 would "
+                      f"run slower than OpenVINO runs the whole graph")
+    try:
+        head = build.build_explain_graph(cut.head, spec)
+    except OnnxcamError as exc:
+        return None, f"the head's explain graph cannot be built: {first_line(exc)}"
+    if [o.name for o in head.graph.output] != [o.name for o in model.graph.output]:
+        return None, "the head's explain graph hands out other outputs than the whole one"
+    trunk = _openvino(cut.trunk, choice, options, "the trunk before the layer")
+    return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors), None
+
+
+def _openvino(model: onnx.ModelProto, choice: Choice, options, what: str) -> OpenVINOSession:
+    session = OpenVINOSession(model, choice.precision, getattr(options, "intra_op_num_threads", 0))
+    used, total = session.heavy_layers
+    if total > 0 and used == 0:
+        raise OnnxcamError(f"OpenVINO compiled {what} without any {choice.precision} layer ({total} "
+                           f"convolution/matrix layers in f32): this CPU or OpenVINO build does not run "
+                           f"{choice.precision}; use fp32")
+    return session
+
+
+def open_session(model: onnx.ModelProto, choice: Choice, options=None, image: str | None = None, layers=(),
+                 calibration=None, input_shape=None, metadata=None, source: onnx.ModelProto | None = None,
+                 spec=None):
+    """The fused graph's session for a reduced-precision Choice (fp32 sessions are runtime.make_session's),
+    and the Choice with its reason saying how the graph was placed. int8: onnxruntime on the int8-trunk graph
+    (`calibration`: arrays or image paths, calibration_inputs). bf16/fp16: with `source` (the shape-inferred
+    model) and `spec` (onnxcam.cam.build.Spec) the trunk on OpenVINO and the head's explain graph on onnxruntime
+    fp32 (SplitSession) where the method and model allow it, else the whole fused graph on OpenVINO. OpenVINO's
+    thread count follows the SessionOptions' intra_op_num_threads."""
+    if choice.precision == "int8":
+        samples = calibration_inputs(calibration, input_shape, metadata)
+        return make_session(quantize_trunk(model, image, layers, samples), None, options), choice
+    why = "no model to cut was given"
+    if source is not None and spec is not None:
+        session, why = _split(model, choice, options, source, spec)
+        if session is not None:
+            return session, replace(choice, engine="openvino+onnxruntime", reason=(
+                f"{choice.reason}; the trunk up to the layer on OpenVINO, the head, gradient and CAM on "
+                f"onnxruntime fp32"))
+    session = _openvino(model, choice, options, "the explain graph")
+    return session, replace(choice, reason=f"{choice.reason}; the whole explain graph on OpenVINO ({why})")
