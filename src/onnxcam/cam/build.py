@@ -28,7 +28,8 @@ from . import methods
 from .targets import ARGMAX
 from ..autodiff import active_tensors, gradient
 from ..errors import OnnxcamError
-from ..model.graph import Emitter, ModelView, ancestors, ensure_opset, infer_shapes, opset_version, subgraph_reads
+from ..model.graph import (Emitter, ModelView, ancestors, ensure_opset, head_nodes, infer_shapes, opset_version,
+                           subgraph_reads)
 from ..model.layouts import LayerLayout, effective_rank, to_channels_first
 
 TARGET = "onnxcam_target"  # int64 (N,): flat element whose one-hot is W (ARGMAX: the largest; NO_INDEX: none)
@@ -280,19 +281,7 @@ def repeat_layers(model: onnx.ModelProto, layers: Sequence[str], score: str, ima
     something else that carries the samples in a way the repetition cannot follow: the caller then runs the
     targets one after the other."""
     view = ModelView(model)
-    needed = ancestors(view, [score])
-    downstream: set[str] = set(layers)
-    head = []
-    for node in view.graph.node:  # topologically sorted (model.safeio checks it)
-        if any(i in downstream for i in node.input if i) or (
-                node.attribute and any(r in downstream for r in subgraph_reads(node))):
-            downstream.update(o for o in node.output if o)
-            if any(o in needed for o in node.output):
-                head.append(node)
-    for layer in layers:
-        producer = view.producer.get(layer)
-        if producer is not None and any(i in downstream for i in producer.input):
-            raise OnnxcamError(f"layer '{layer}' is computed from another explained layer")
+    head = head_nodes(view, layers, score)
     if any(subgraph_reads(n) for n in head):
         raise OnnxcamError("the head holds control flow (If/Loop/Scan)")
     batch = (view.shape(image) or [None])[0]

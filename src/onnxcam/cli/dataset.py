@@ -26,6 +26,7 @@ import click
 import numpy as np
 
 from ..errors import OnnxcamError
+from ..images import render
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TENSOR_SUFFIX = ".npy"
@@ -178,7 +179,7 @@ class MapsWriter:
         if not self.as_zip:
             path = self.target / (name + ".npy")
             self.folders.ensure(path.parent)
-            _atomic_write(path, lambda fh: np.lib.format.write_array(fh, array, allow_pickle=False))
+            render.atomic_write(path, lambda fh: np.lib.format.write_array(fh, array, allow_pickle=False))
             return
         if self._zip is None:
             parent = self.target.parent if str(self.target.parent) else Path(".")
@@ -198,7 +199,7 @@ class MapsWriter:
         zf, self._zip = self._zip, None
         try:
             zf.close()
-            os.chmod(self._tmp, 0o666 & ~_umask())
+            os.chmod(self._tmp, render.file_mode())
             os.replace(self._tmp, self.target)
         except OSError as exc:
             raise OnnxcamError(f"cannot write {self.target}: {exc.strerror or exc}") from None
@@ -272,36 +273,6 @@ def _check_file_target(p: Path, flag: str) -> None:
         raise OnnxcamError(f"cannot write {p}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OnnxcamError(f"cannot write {p}: permission denied")
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise OnnxcamError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-_UMASK = None
-
-
-def _umask() -> int:
-    global _UMASK
-    if _UMASK is None:  # os.umask sets as it reads: once, not from several threads at a time
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
-    return _UMASK
 
 
 # -------------------------------------------------------------------------------------------------- progress

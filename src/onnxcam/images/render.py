@@ -231,23 +231,34 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], fast: bool = Fals
         raise OnnxcamError(f"cannot write {p}: {parent} is not a directory")
     fmt = IMAGE_FORMATS.get(p.suffix.lower(), "PNG")
     img = image.convert("RGB") if fmt in ("JPEG", "WEBP") and image.mode != "RGB" else image
+
+    def write(fh) -> None:
+        if fmt in ("JPEG", "WEBP"):
+            img.save(fh, format=fmt, quality=95)
+        elif fast and img.mode == "RGB":
+            fh.write(png_bytes(img))
+        else:
+            img.save(fh, format=fmt)
+
+    atomic_write(p, write)
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(file)` into a temporary file next to `path`, then moved into place: a failure (disk full, Ctrl-C)
+    never leaves a half-written file. The file gets the mode a plain open() would give it. OSError becomes one
+    OnnxcamError line."""
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + p.name + ".", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            if fmt in ("JPEG", "WEBP"):
-                img.save(fh, format=fmt, quality=95)
-            elif fast and img.mode == "RGB":
-                fh.write(png_bytes(img))
-            else:
-                img.save(fh, format=fmt)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, p)
+            write(fh)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
         tmp = None
     except PermissionError:
-        raise OnnxcamError(f"cannot write {p}: permission denied") from None
+        raise OnnxcamError(f"cannot write {path}: permission denied") from None
     except OSError as exc:
-        raise OnnxcamError(f"cannot write {p}: {exc.strerror or exc}") from None
+        raise OnnxcamError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         if tmp is not None:
             try:
@@ -279,10 +290,16 @@ def png_bytes(image: Image.Image, level: int = 1) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_UMASK = None
+
+
+def file_mode() -> int:
+    """0o666 less the process's umask: what open() gives a new file (mkstemp makes it 0o600)."""
+    global _UMASK
+    if _UMASK is None:  # os.umask sets as it reads: once, not from several writer threads at a time
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
 
 
 def gradient_image(grad: np.ndarray, layout: str = "NCHW", size: tuple[int, int] | None = None) -> Image.Image:

@@ -518,6 +518,25 @@ def ancestors(view: ModelView, outputs: Sequence[str]) -> set[str]:
     return needed
 
 
+def head_nodes(view: ModelView, layers: Sequence[str], score: str) -> list[onnx.NodeProto]:
+    """The head after `layers`: the nodes downstream of them that `score` needs, in graph order. Refuses a layer
+    computed from another of the layers (the head would hold part of the trunk)."""
+    needed = ancestors(view, [score])
+    downstream: set[str] = set(layers)
+    head = []
+    for node in view.graph.node:  # topologically sorted (model.safeio checks it)
+        if any(i in downstream for i in node.input if i) or (
+                node.attribute and any(r in downstream for r in subgraph_reads(node))):
+            downstream.update(o for o in node.output if o)
+            if any(o in needed for o in node.output):
+                head.append(node)
+    for layer in layers:
+        producer = view.producer.get(layer)
+        if producer is not None and any(i in downstream for i in producer.input):
+            raise OnnxcamError(f"layer '{layer}' is computed from another explained layer")
+    return head
+
+
 def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
     """Drops nodes, initializers and inputs that do not feed `outputs`."""
     needed = ancestors(ModelView(model), outputs)

@@ -29,7 +29,7 @@ from ..cam import build, methods
 from ..errors import OnnxcamError, first_line
 from ..images import preprocess
 from ..model import safeio
-from ..model.graph import ModelView, ancestors, prune, subgraph_reads, value_info
+from ..model.graph import ModelView, ancestors, head_nodes, prune, subgraph_reads, value_info
 from .runtime import make_session
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
@@ -389,19 +389,8 @@ def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str) -> Cut
     inputs = set(view.graph_inputs)
     if any(layer in inputs for layer in layers):
         raise OnnxcamError("the layer is a model input: there is no trunk before it")
-    needed = ancestors(view, [score])
-    downstream, head = set(layers), []
-    for node in view.graph.node:  # topologically sorted (model.safeio checks it)
-        if any(i in downstream for i in node.input if i) or (
-                node.attribute and any(r in downstream for r in subgraph_reads(node))):
-            downstream.update(o for o in node.output if o)
-            if any(o in needed for o in node.output):
-                head.append(node)
-    for layer in layers:
-        producer = view.producer.get(layer)
-        if producer is not None and any(i in downstream for i in producer.input):
-            raise OnnxcamError(f"layer '{layer}' is computed from another explained layer")
-    if score not in downstream:
+    head = head_nodes(view, layers, score)
+    if score not in {o for n in head for o in n.output}:
         raise OnnxcamError(f"the score '{score}' is not computed from the layer")
     produced = {o for n in head for o in n.output}
     reads = dict.fromkeys(i for n in head for i in [*n.input, *sorted(subgraph_reads(n))]
