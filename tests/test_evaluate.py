@@ -254,3 +254,51 @@ def test_progress_lines_every_tenth_or_every_interval():
     for _ in range(1000):
         lines(1)
     assert [int(ln.split()[2].split("/")[0]) for ln in fast.getvalue().splitlines()] == list(range(100, 1001, 100))
+
+
+# ----------------------------------------------------------------------------- verdicts against the controls
+
+
+def test_verdict_lines_for_a_fixed_evaluation(folder, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    code, stdout, stderr = run_cli(capsys, "evaluate", MODEL, folder, "--method", "gradcam", "--method", "eigencam",
+                                   "--controls", "--metrics", "pointing,deletion,insertion,drop", "--steps", "4",
+                                   "-o", out)
+    assert code == 0, stderr
+    doc = json.loads(out.read_text())
+    assert doc["methods"] == ["gradcam", "eigencam", "random", "center"]
+    s = doc["summary"]
+    # the rule, restated: strictly better than both controls' means; the direction per metric
+    keys = [("pointing", "point%", 1, "{:.1f}"), ("deletion_auc", "del", -1, "{:.3f}"),
+            ("insertion_auc", "ins", 1, "{:.3f}"), ("average_drop", "drop%", -1, "{:.1f}"),
+            ("increase_in_confidence", "incr%", 1, "{:.1f}")]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(("gradcam:", "eigencam:"))]
+    assert doc["verdicts"] == lines and len(lines) == 2
+    for method, line in zip(("gradcam", "eigencam"), lines):
+        wins = [k for k, _, sign, _ in keys
+                if all(sign * s[method][k] > sign * s[c][k] for c in ("random", "center"))]
+        k, title, _, fmt = keys[0]
+        quote = f"{title} {fmt.format(s[method][k])} vs random {fmt.format(s['random'][k])} / " \
+                f"center {fmt.format(s['center'][k])}"
+        assert line.startswith(f"{method}: beats both controls on {len(wins)} of 5 metrics ({quote})")
+        lost = [title for k, title, _, _ in keys if k not in wins]
+        assert ("; not on " in line) == bool(lost)
+        for title in lost:
+            assert f"{title} " in line.split("; not on ", 1)[1]
+
+
+def test_verdict_needs_controls_and_names_a_missing_one():
+    base = {"images": 3, "pointing": 90.0, "deletion_auc": 0.2, "insertion_auc": 0.8}
+    assert ev.verdicts({"gradcam": base}) == [
+        "verdict: no control was run, so no verdict (add --controls, or --method random --method center)"]
+    summary = {"gradcam": base, "center": {"images": 3, "pointing": 90.0, "deletion_auc": 0.3, "insertion_auc": 0.9}}
+    assert ev.verdicts(summary) == [
+        "gradcam: beats the center control (random not run) on 1 of 3 metrics (point% 90.0 vs center 90.0); "
+        "not on point% 90.0 vs center 90.0, ins 0.800 vs center 0.900"]
+    assert ev.verdicts({"random": base, "center": base}) == []
+
+
+def test_cli_says_when_no_control_ran(folder, capsys):
+    code, stdout, stderr = run_cli(capsys, "evaluate", MODEL, folder, "--metrics", "pointing")
+    assert code == 0, stderr
+    assert stdout.strip().splitlines()[-1].startswith("verdict: no control was run")

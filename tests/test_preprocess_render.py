@@ -408,3 +408,14 @@ def test_demo_composite_has_cat_and_cup(demo_proto):
     logits = _demo_logits(demo_proto, CAT_AND_CUP)
     top10 = set(np.argsort(-logits)[:10].tolist())
     assert top10 & CAT_CLASSES and top10 & CUP_CLASSES
+
+
+def test_jet_equals_interpolating_its_knots():
+    """render.jet's ramps against np.interp over matplotlib's jet knots (render._JET) in float64: the same uint8
+    colour but for rounding ties."""
+    from onnxcam.images import render
+
+    v = np.concatenate([np.random.default_rng(0).random(200_000), np.linspace(0, 1, 100_001)])
+    want = np.stack([np.round(np.interp(v, *zip(*render._JET[ch])) * 255.0) for ch in ("red", "green", "blue")], -1)
+    diff = np.abs(render.jet(v).astype(int) - want.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.9999

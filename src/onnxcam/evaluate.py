@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from . import metrics as M
+from . import sanity as sanity_mod
 from .cam import methods as methods_mod
 from .errors import OnnxcamError
 from .images import preprocess
@@ -460,6 +461,33 @@ class Evaluator:
         return self.labels[label] if self.labels and label < len(self.labels) else str(label)
 
 
+def sanity_plan(model, mode: str, steps: int | None, methods: Sequence[str]) -> int:
+    """Checks the methods and the model before a sanity run starts; returns its number of progress ticks."""
+    if mode not in sanity_mod.MODES:
+        raise OnnxcamError(f"unknown sanity check '{mode}'; use {', '.join(sanity_mod.MODES)}")
+    return len(sanity_mod.check_methods(methods)) * sanity_mod.step_count(model, mode, steps)
+
+
+def sanity_check(model, data, methods: Sequence[str] = ("gradcam",), mode: str = "cascading", seed: int = 0,
+                 steps: int | None = None, limit: int | None = None, layer=None, providers=None, progress=None,
+                 **pp_overrides) -> "sanity_mod.SanityResult":
+    """`onnxcam evaluate --sanity MODE`: onnxcam.sanity's checks on the first `limit` samples of DATA, each
+    explained for its label (else the trained model's top class). `progress(1)` per method and step."""
+    if mode not in sanity_mod.MODES:
+        raise OnnxcamError(f"unknown sanity check '{mode}'; use {', '.join(sanity_mod.MODES)}")
+    source = load_model(model)
+    samples = load_dataset(data, preprocess.model_metadata(source).get("labels"))[:limit]
+    images = [s.image for s in samples]
+    targets = [s.label for s in samples]
+    pp = {k: v for k, v in pp_overrides.items() if v is not None}
+    if mode == "logit":
+        return sanity_mod.random_logit(source, images, methods, seed=seed, targets=targets, layer=layer,
+                                       preprocessing=pp, providers=providers, progress=progress)
+    return sanity_mod.parameter_randomization(source, images, methods, mode=mode, seed=seed, steps=steps,
+                                              targets=targets, layer=layer, preprocessing=pp, providers=providers,
+                                              progress=progress)
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())
@@ -550,6 +578,50 @@ def summarize(records: list[dict], methods: Sequence[str]) -> dict:
     return out
 
 
+# The metric a verdict line quotes: the first of these that was measured (localisation first, where the data
+# has annotations: the question most readers ask of a map).
+HEADLINE = ("point%", "gtloc%", "ins", "del", "faith", "ROAD", "drop%", "IoU", "locerr1%", "locerr5%", "incr%")
+
+
+def verdicts(summary: dict) -> list[str]:
+    """One line per method against the controls that were run ('random', 'center'): the method *beats* a
+    control on a metric when its mean is strictly better (higher, or lower for LOWER_IS_BETTER) than the
+    control's; a tie is not a win. Counted over the summary columns measured for the method and every control
+    run. Means over the same images, with no significance test (docs/evaluation.md)."""
+    controls = [c for c in PSEUDO_METHODS if c in summary]
+    methods = [m for m in summary if m not in PSEUDO_METHODS]
+    if not methods:
+        return []
+    if not controls:
+        return ["verdict: no control was run, so no verdict (add --controls, or --method random --method center)"]
+    missing = [c for c in PSEUDO_METHODS if c not in controls]
+    who = "both controls" if not missing else f"the {controls[0]} control ({missing[0]} not run)"
+    lines = []
+    for m in methods:
+        s = summary[m]
+        measured = [c for c in COLUMNS if c[1] in s and all(c[1] in summary[k] for k in controls)]
+        if not measured:
+            lines.append(f"{m}: no metric measured for it and the controls, so no verdict")
+            continue
+
+        def better(c, k):
+            a, b = s[c[1]], summary[k][c[1]]
+            return a < b if c[2] in LOWER_IS_BETTER else a > b
+
+        def quote(c):
+            return (f"{c[2]} {c[4].format(s[c[1]])} vs "
+                    + " / ".join(f"{k} {c[4].format(summary[k][c[1]])}" for k in controls))
+
+        wins = [c for c in measured if all(better(c, k) for k in controls)]
+        head = next(c for name in HEADLINE for c in measured if c[2] == name)
+        text = f"{m}: beats {who} on {len(wins)} of {len(measured)} metrics ({quote(head)})"
+        losses = [c for c in measured if c not in wins]
+        if losses:
+            text += "; not on " + ", ".join(f"{quote(c)}" for c in losses)
+        lines.append(text)
+    return lines
+
+
 @dataclass
 class Evaluation:
     records: list
@@ -574,10 +646,15 @@ class Evaluation:
             notes.append(f"lower is better: {', '.join(low)}; higher is better: the rest")
         return "\n".join(lines + notes)
 
+    def verdicts(self) -> list[str]:
+        """`verdicts(self.summary)`: a line per method against the controls."""
+        return verdicts(self.summary)
+
     def write(self, path: str | os.PathLike, info: dict | None = None) -> None:
         p = Path(path)
         if p.suffix.lower() == ".json":
-            doc = dict(info or {}, accuracy=self.accuracy, summary=self.summary, results=self.records)
+            doc = dict(info or {}, accuracy=self.accuracy, summary=self.summary, verdicts=self.verdicts(),
+                       results=self.records)
             text = json.dumps(doc, indent=1) + "\n"
         else:
             keys: list = []

@@ -339,21 +339,6 @@ def workers() -> int:
     return max(2, min(4, os.cpu_count() or 1))
 
 
-def _return_freed_images() -> None:
-    """glibc's malloc serves blocks above its mmap threshold with mmap, but raises that threshold to the largest
-    block freed (up to 32 MB): after the first photo is freed, later ones come from the heap, which keeps their
-    pages. Pinning the threshold hands each decoded photo back when it is dropped (measured: the plateau of a
-    3000-photo maps-only run went from 660-670 MB to 550-590 MB, as with MALLOC_MMAP_THRESHOLD_=131072)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # musl, or no libc.so.6: its allocator's own policy stays
-        pass
-
-
 def stream_batches(items: Sequence[Item], load: Callable, batch_size: int, pool: ThreadPoolExecutor,
                    process: Callable, on_skip: Callable | None) -> None:
     """Runs `process(batch)` on consecutive batches of up to `batch_size` loaded items [(item, loaded)], in
@@ -364,8 +349,6 @@ def stream_batches(items: Sequence[Item], load: Callable, batch_size: int, pool:
 
     An item whose `load` raises OnnxcamError goes to `on_skip(item, error)`; with `on_skip` None the error
     ends the run."""
-    if len(items) > batch_size:
-        _return_freed_images()
     source = iter(items)
     pending: deque[tuple[Item, Future]] = deque()
 

@@ -881,13 +881,21 @@ def serve_cmd(ctx, model, host, port, name, max_batch, batch_wait_ms, max_queue,
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the 'random' maps and ROAD's noise.")
 @click.option("--preset", type=click.Choice(sorted(preprocess.PRESETS)), help="Input normalisation preset.")
 @click.option("--size", help="Input size N or HxW (needed when the model's size is dynamic).")
+@click.option("--controls", is_flag=True, help="Also run the controls 'random' and 'center' (for the verdicts).")
+@click.option("--sanity", type=click.Choice(["cascading", "independent", "logit"]),
+              help="Instead of the metrics, Adebayo et al.'s sanity checks: model-parameter randomisation "
+                   "(cascading from the score, or one node at a time) or the random-logit test.")
+@click.option("--sanity-steps", type=click.IntRange(1, None),
+              help="With --sanity cascading/independent: this many randomisation steps [default: every node].")
+@click.option("--plot", "plot_path", help="With --sanity: also draw the similarities into this .png file.")
 @_device_option
 def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_size, steps, road_percentiles,
-                 loc_threshold, limit, seed, preset, size, device):
+                 loc_threshold, limit, seed, preset, size, controls, sanity, sanity_steps, plot_path, device):
     """Score explanations of MODEL on the images in DATA: localization (boxes), pointing game (masks),
     deletion/insertion, Average Drop / Increase in Confidence, ROAD, faithfulness to occlusion.
     DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
-    docs/evaluation.md. Prints a summary table per method."""
+    docs/evaluation.md. Prints a summary table per method and a verdict per method against the controls.
+    With --sanity, runs Adebayo et al.'s sanity checks on the images instead (docs/evaluation.md)."""
     from .. import evaluate as ev
     from ..run.runtime import explicit_gpu, resolve_device
 
@@ -897,12 +905,36 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
     if any(not 0 < p < 100 for p in percentiles):
         _fail(f"--road-percentiles must lie strictly between 0 and 100, got '{road_percentiles}'")
     methods_list = list(dict.fromkeys(method_names)) or ["gradcam"]
+    if controls:
+        methods_list += [c for c in ev.PSEUDO_METHODS if c not in methods_list]
+    if (sanity_steps or plot_path) and not sanity:
+        _fail("--sanity-steps and --plot belong to --sanity")
     if out:
         from ..cam.export import model_files
 
         ev.check_output(out, [*model_files(model), data, *ev.input_files(data)])
     if not os.path.exists(data):
         _fail(f"data not found: {data}")
+    if sanity:
+        if plot_path and not plot_path.lower().endswith(".png"):
+            _fail(f"--plot {plot_path} must be a .png file")
+        if plot_path and not os.path.isdir(os.path.dirname(plot_path) or "."):
+            _fail(f"cannot write {plot_path}: directory {os.path.dirname(plot_path)} does not exist")
+        if controls:
+            _fail("--controls compare metrics; the sanity checks compare a method with itself")
+        total = ev.sanity_plan(model, sanity, sanity_steps, methods_list)
+        with click.progressbar(length=total, label=f"sanity checks ({sanity})", file=sys.stderr) as bar:
+            result = ev.sanity_check(model, data, methods_list, sanity, seed=seed, steps=sanity_steps, limit=limit,
+                                     layer=_layer_names(layers), preset=preset, size=_parse_size(size),
+                                     providers=providers, progress=bar.update)
+        click.echo(result.table())
+        if plot_path:
+            result.plot(plot_path)
+            click.echo(f"wrote {plot_path}")
+        if out:
+            result.write(out)
+            click.echo(f"wrote {out}")
+        return
     evaluator = ev.Evaluator(model, methods_list, layer=_layer_names(layers), metrics=names, batch_size=batch_size,
                              steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
                              preset=preset, size=_parse_size(size), providers=providers,
@@ -917,6 +949,8 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
                            "metrics": evaluator.metrics, "steps": steps, "road_percentiles": percentiles,
                            "loc_threshold": loc_threshold, "seed": seed, "provider": provider})
     click.echo(result.table())
+    for line in result.verdicts():
+        click.echo(line)
     if out:
         click.echo(f"wrote {out}")
 
