@@ -120,7 +120,59 @@ class DetectionTarget:
 LAYOUTS = ("yolov5", "ultralytics")
 
 
-Target = (ClassTarget, TopClass, IndexTarget, RegionTarget, DetectionTarget)
+@dataclass(frozen=True, eq=False)
+class ScoreWeights:
+    """W itself: an array shaped like one sample's score, y = <W, score>. `source`: the target it was made from
+    (a FinerTarget with its class filled in), for describing it."""
+
+    weights: np.ndarray
+    source: object = None
+
+
+@dataclass(frozen=True)
+class FinerTarget:
+    """Finer-CAM (Zhang et al., arXiv 2501.11309): class `cls` (None: the top class) against the `comparisons`
+    classes whose logits are closest to it, y = sum_j p_j (z_c - alpha z_j) / (sum_j p_j + 1e-9) with p the
+    softmax, as pytorch-grad-cam's FinerWeightedTarget. y is not linear in the logits, so W = dy/dz is taken at
+    the sample's own logits (from a forward first): one backward, and the map explains what sets c apart from
+    the classes it is most easily confused with."""
+
+    cls: int | None = None
+    comparisons: int = 3
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.comparisons, bool) or not isinstance(self.comparisons, (int, np.integer)) \
+                or self.comparisons < 1:
+            raise OnnxcamError(f"Finer-CAM compares with a positive number of classes, got {self.comparisons!r}")
+
+
+def finer_weights(z: np.ndarray, t: FinerTarget) -> np.ndarray:
+    """dy/dz of Finer-CAM's score at the logits z (K,), in float64 (see FinerTarget)."""
+    z = np.asarray(z, np.float64).reshape(-1)
+    k = z.size
+    c = int(np.argmax(z)) if t.cls is None else t.cls
+    if not 0 <= c < k:
+        raise OnnxcamError(f"target {c} is out of range: the score has {k} classes (0..{k - 1})")
+    if k < 2:
+        raise OnnxcamError("Finer-CAM compares the target with other classes; the score has one")
+    order = np.argsort(np.abs(z - z[c]), kind="stable")
+    others = [int(j) for j in order if j != c][:t.comparisons]
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    dp = np.diag(p) - np.outer(p, p)  # dp_j/dz_k
+    diff = np.array([z[c] - t.alpha * z[j] for j in others])
+    numerator = float(np.dot(p[others], diff))
+    denominator = float(p[others].sum()) + 1e-9
+    d_num = dp[others].T @ diff  # through the weights p_j
+    d_num[c] += p[others].sum()
+    for j in others:
+        d_num[j] -= t.alpha * p[j]
+    d_den = dp[others].sum(axis=0)
+    return (d_num * denominator - numerator * d_den) / denominator ** 2
+
+
+Target = (ClassTarget, TopClass, IndexTarget, RegionTarget, DetectionTarget, FinerTarget, ScoreWeights)
 ARGMAX = -1  # the flat index that means the score's largest element
 
 
@@ -268,6 +320,9 @@ def resolve_data_dependent(items: list, scores: np.ndarray, probability: bool) -
             if 0 <= t.box < sc.shape[0]:
                 t = DetectionTarget(t.box, "class", int(np.argmax(sc[t.box, first:])), t.objectness,
                                     t.first_class, layout)
+        elif isinstance(t, FinerTarget):
+            cls = int(np.argmax(sc)) if t.cls is None else t.cls
+            t = ScoreWeights(finer_weights(sc, t).reshape(sc.shape), FinerTarget(cls, t.comparisons, t.alpha))
         elif isinstance(t, RegionTarget) and t.mask is None and sc.ndim >= 2 and sc.shape[0] == 1:
             if t.cls != 0:
                 raise OnnxcamError(f"region class {t.cls} is out of range: the output has 1 channel (class 0)")
@@ -286,6 +341,7 @@ def needs_scores(items: list, shape: tuple) -> bool:
                    t.cls is None and len(shape) == 2 and t.field_for(shape) == "class"
                    and t.fields(shape)[0] == "yolov5")))
                or (isinstance(t, RegionTarget) and t.mask is None and len(shape) >= 2 and shape[0] == 1)
+               or isinstance(t, FinerTarget)
                for t in items)
 
 
@@ -367,6 +423,14 @@ def plan(items: Sequence, shape: tuple | None) -> Plan:
                 select = np.zeros((n, *shape), bool) if select is None else select
                 group = np.zeros((n, *shape), bool) if group is None else group
                 select[s, first:, t.box] = group[s, first:, t.box] = True
+        elif isinstance(t, ScoreWeights):
+            w = np.asarray(t.weights, np.float32)
+            if w.size != size:
+                raise OnnxcamError(f"score weights have {w.size} elements; one sample's score has {size}")
+            weights = np.zeros((n, *shape), np.float32) if weights is None else weights
+            weights[s] = w.reshape(shape)
+        elif isinstance(t, FinerTarget):
+            raise OnnxcamError("a Finer-CAM target is weighted from the scores first (resolve_data_dependent)")
         elif isinstance(t, RegionTarget):
             if len(shape) < 2:
                 raise OnnxcamError(f"a region target needs an (N, classes, *spatial) output; this one is "
@@ -395,6 +459,11 @@ def describe(t) -> str:
         return "top class" if t.rank == 0 else f"class ranked {t.rank + 1}"
     if isinstance(t, IndexTarget):
         return "index (" + ",".join(map(str, t.index)) + ")"
+    if isinstance(t, FinerTarget):
+        return (f"{'top class' if t.cls is None else f'class {t.cls}'} vs its {t.comparisons} closest classes "
+                f"(Finer-CAM)")
+    if isinstance(t, ScoreWeights):
+        return describe(t.source) if t.source is not None else "weighted score"
     if isinstance(t, RegionTarget):
         return f"region of class {t.cls} ({'predicted mask' if t.mask is None else 'mask'})"
     if isinstance(t, DetectionTarget):
@@ -403,5 +472,5 @@ def describe(t) -> str:
     return str(t)
 
 
-__all__ = ["ClassTarget", "TopClass", "top_classes", "IndexTarget", "RegionTarget", "DetectionTarget", "Plan", "plan", "resize_mask",
+__all__ = ["ClassTarget", "TopClass", "top_classes", "FinerTarget", "ScoreWeights", "finer_weights", "IndexTarget", "RegionTarget", "DetectionTarget", "Plan", "plan", "resize_mask",
            "describe"]

@@ -200,6 +200,9 @@ def cli() -> None:
               help="Class index or label to explain (default: the top-scoring class), or an index tuple into one "
                    "sample's output, e.g. 0,3,5 (see docs/targets.md). Repeat for several classes per image, "
                    "one map each, from one forward (--target 3 --target cat).")
+@click.option("--finer", is_flag=True,
+              help="Finer-CAM: the target class (default: the top one) against the 3 classes whose scores are "
+                   "closest to it -- what sets it apart from what it is most easily taken for.")
 @click.option("--top-k-maps", "top_k_maps", type=click.IntRange(1, None),
               help="One map for each of the K highest-scoring classes of every image, from one forward.")
 @click.option("--region", help="Segmentation: CLASS[:MASK.png], class CLASS's logits summed over the mask (nonzero "
@@ -256,7 +259,7 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
             preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, fmt, max_overlay_side,
             no_overlay, save_maps, maps_size, maps_dtype, results_file, as_json, batch_axis, device,
             region=None, box=None, field=None, extra_inputs=(), top_k_maps=None, ray_address=None, precision=None,
-            calibration=()):
+            calibration=(), finer=False):
     """Write a CAM overlay for each image and print the top classes. PATH is an image (or .npy tensor), a
     folder (searched recursively) or a quoted glob such as 'data/**/*.jpg'; images stream through in batches.
     An unreadable file is skipped with one line, and the run ends with exit status 1."""
@@ -273,6 +276,13 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
     if top_k_maps is not None and (several is not None or target is not None):
         _fail("--top-k-maps and --target cannot be combined: give the classes, or let the top K be chosen")
     multi = several is not None or top_k_maps is not None
+    if finer:
+        for flag, given in (("--region", region), ("--box", box), ("--top-k-maps", top_k_maps),
+                            ("several --target", several)):
+            if given:
+                _fail(f"--finer compares one class with its closest ones; {flag} goes without it")
+        if target is not None and "," in target:
+            _fail("--finer takes a class index or label as --target, not an index tuple")
     if multi:
         for flag, given in (("--region", region), ("--box", box), ("--panel", panel)):
             if given:
@@ -288,6 +298,7 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
                                             "--save-maps": save_maps, "--results": results_file,
                                             "--json": as_json, "--labels": labels_file, "--batch-axis": batch_axis,
                                             "--top-k-maps": top_k_maps, "several --target": several,
+                                            "--finer": finer,
                                             "--no-overlay": no_overlay, "--format": fmt,
                                             "--precision": precision, "--calibration": calibration,
                                             "--max-overlay-side": max_overlay_side})
@@ -363,6 +374,10 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
         target_index = target_kinds.DetectionTarget(None, "class")
     else:
         target_index = _resolve_target(target, labels, k)
+    if finer:
+        if explainer.sample_shape is None or len(explainer.sample_shape) != 1 or explainer.is_detector:
+            _fail("--finer compares classes of a classifier's (N, classes) score")
+        target_index = target_kinds.FinerTarget(target_index)
     if multi:
         if explainer.sample_shape is None or len(explainer.sample_shape) != 1 or explainer.is_detector:
             _fail("several classes per image need a classifier's (N, classes) score")
