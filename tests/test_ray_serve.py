@@ -2,7 +2,6 @@
 answering as the Python API does, refusing malformed requests, and surviving a replica killed under load."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -24,11 +23,10 @@ pytest.importorskip("ray.serve")  # ray without its serve extra fails on import 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-import onnxcam  # noqa: E402
-from onnxcam.images import preprocess  # noqa: E402
 from onnxcam.ray.serve import application  # noqa: E402
 from onnxcam.serve import HEATMAP_DECIMALS  # noqa: E402
-from tests.test_serve import CAT, MODEL, V1, V2, v2_body  # noqa: E402
+from tests.test_serve import MODEL, V1, V2, v2_body  # noqa: E402
+from tests.test_serve import cat_b64, cat_x, explainer  # noqa: E402,F401 -- the same fixtures
 
 APP = "onnxcam-test"
 REPLICAS = 2
@@ -97,21 +95,6 @@ def url():
 def client(url):
     with httpx.Client(base_url=url, timeout=120) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def explainer():
-    return onnxcam.Explainer(str(MODEL))
-
-
-@pytest.fixture(scope="module")
-def cat_b64() -> str:
-    return base64.b64encode(CAT.read_bytes()).decode()
-
-
-@pytest.fixture(scope="module")
-def cat_x(explainer) -> np.ndarray:
-    return preprocess.to_tensor(preprocess.load_image(CAT), explainer.preprocessing())
 
 
 def _check_v1(explanation: dict, want, k: int = 0) -> None:

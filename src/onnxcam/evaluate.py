@@ -39,7 +39,7 @@ from . import metrics as M
 from . import sanity as sanity_mod
 from .cam import methods as methods_mod
 from .errors import OnnxcamError
-from .images import preprocess
+from .images import preprocess, render
 from .model import select
 from .model.graph import ModelView, infer_shapes, load_model, prune, value_info
 from .model.safeio import regular_file
@@ -666,13 +666,8 @@ class Evaluation:
             for r in self.records:
                 writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
             text = buf.getvalue()
-        try:
-            # Written to a new file then renamed: a hard link to an input is left as it was.
-            tmp = p.with_name(f".{p.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, p)
-        except OSError as exc:
-            raise OnnxcamError(f"cannot write {p}: {exc.strerror or exc}") from None
+        # Written to a new file then renamed: a hard link to an input is left as it was.
+        render.atomic_write(p, lambda fh: fh.write(text.encode()))
 
 
 def check_output(path: str | os.PathLike, protect: Sequence[str | os.PathLike] = ()) -> None:

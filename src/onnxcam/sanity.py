@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from .cam import methods as methods_mod
 from .errors import OnnxcamError
-from .images import preprocess
+from .images import preprocess, render
 from .model import select
 from .model.graph import ModelView, ancestors, load_model
 from .run.explainer import Explainer
@@ -372,12 +372,8 @@ class SanityResult:
             writer.writeheader()
             writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
             text = buf.getvalue()
-        try:
-            tmp = p.with_name(f".{p.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, p)
-        except OSError as exc:
-            raise OnnxcamError(f"cannot write {p}: {exc.strerror or exc}") from None
+        # Written to a new file then renamed: a hard link to an input is left as it was.
+        render.atomic_write(p, lambda fh: fh.write(text.encode()))
 
     def plot(self, path: str | os.PathLike, title: str | None = None) -> None:
         """A PNG: one panel per similarity metric, mean over images against the step, a line per method

@@ -310,11 +310,14 @@ def repeat_layers(model: onnx.ModelProto, layers: Sequence[str], score: str, ima
             raise OnnxcamError(f"layer '{layer}' does not hold the samples on its first axis")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    emit = Emitter.for_model(out)
+    del out.graph.node[:]
+    emit = Emitter.for_model(model)
+    # K, once, from the image: its first axis holds the N samples the layers hold (checked above)
+    samples = emit.op("Gather", [emit.shape_of(image), emit.const(np.array([0], np.int64))], axis=0)
+    k = emit.op("Div", [emit.op("Shape", [TARGET]), samples], hint="repeats")
+    front, emit.nodes = emit.nodes, []
     renamed, after = {}, {}  # after: tensor -> the nodes repeating it, placed right after its producer
     for t in repeated:
-        n = emit.op("Gather", [emit.shape_of(t), emit.const(np.array([0], np.int64))], axis=0)
-        k = emit.op("Div", [emit.op("Shape", [TARGET]), n], hint="repeats")
         rank = view.rank(t)
         tiled = emit.op("Expand", [emit.unsqueeze(t, [1]), emit.op("Concat", [emit.ints([1]), k,
                                                                               emit.ints([1] * (rank - 1))], axis=0)])
@@ -323,30 +326,21 @@ def repeat_layers(model: onnx.ModelProto, layers: Sequence[str], score: str, ima
                              hint="repeated")
         after[t], emit.nodes = emit.nodes, []
     for t in scaled:
-        n = emit.op("Gather", [emit.shape_of(layers[0]), emit.const(np.array([0], np.int64))], axis=0)
-        k = emit.op("Div", [emit.op("Shape", [TARGET]), n], hint="repeats")
         first = emit.op("Mul", [emit.op("Slice", [t, emit.ints([0]), emit.ints([1])]), k])
         renamed[t] = emit.op("Concat", [first, emit.op("Slice", [t, emit.ints([1]), emit.ints([2 ** 62])])], axis=0,
                              hint="repeated_shape")
         after[t], emit.nodes = emit.nodes, []
     head_ids = {id(n) for n in head}
-    order = {o: j for j, node in enumerate(view.graph.node) for o in node.output}
-    for t in scaled:  # after both the shape and the layer it reads the number of samples from
-        if order.get(layers[0], -1) > order.get(t, -1):
-            after[layers[0]] = after.get(layers[0], []) + after.pop(t)
-    nodes = [n for t in repeated if t not in view.producer for n in after[t]]  # graph inputs: first
-    for src, node in zip(view.graph.node, out.graph.node):
-        if id(src) in head_ids:
-            for j, i in enumerate(node.input):
-                if i in renamed:
-                    node.input[j] = renamed[i]
+    nodes = front + [n for t in repeated if t not in view.producer for n in after[t]]  # graph inputs: first
+    for node in view.graph.node:
+        if id(node) in head_ids and any(i in renamed for i in node.input):
+            node_copy = onnx.NodeProto()
+            node_copy.CopyFrom(node)
+            node_copy.input[:] = [renamed.get(i, i) for i in node.input]
+            node = node_copy
         nodes.append(node)
         nodes.extend(n for o in node.output if o in after for n in after[o])
-    copied = [onnx.NodeProto() for _ in nodes]
-    for c, n in zip(copied, nodes):
-        c.CopyFrom(n)
-    del out.graph.node[:]
-    out.graph.node.extend(copied)
+    out.graph.node.extend(nodes)
     out.graph.initializer.extend(emit.initializers)
     out.graph.input.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, ["N"]))
     return out, tuple(renamed[layer] for layer in layers)

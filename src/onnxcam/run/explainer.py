@@ -248,7 +248,6 @@ class Explainer:
         # The score's per-sample shape where the model fixes it (targets are checked and placed with it).
         self.sample_shape = tuple(score_dims[1:]) if score_dims is not None and all(
             isinstance(d, int) for d in score_dims[1:]) else None
-        self._output_names = [o.name for o in self.session.get_outputs()]
         self._has_sign = build.SIGN in {i.name for i in self.session.get_inputs()}
         self.metadata = preprocess.model_metadata(source)
         self.labels: list[str] | None = self.metadata.get("labels")
@@ -336,7 +335,7 @@ class Explainer:
         n = feeds[self.image_input].shape[0]
         lists = target_kinds.per_sample_lists(targets, n)
         one_each = lists is None
-        if one_each and not isinstance(targets, Mapping):
+        if one_each:
             single = target_kinds.per_sample(targets, n)
             if target_kinds.ranked(single):  # a class below the top one: found by the ranked graph
                 lists = [[t] for t in single]
@@ -826,9 +825,8 @@ def stack_targets(parts: Sequence[Explanation]) -> Explanation:
                       extras={key: np.stack([p.extras[key] for p in parts], axis=1)
                               if isinstance(value, np.ndarray) and key not in _SAMPLE_EXTRAS else value
                               for key, value in r.extras.items()},
-                      zero_gradient=stack("zero_gradient"), empty=stack("empty"), targets_per_sample=len(parts))
-    if r.guided is not None:
-        out.guided = np.stack([p.guided for p in parts], axis=1)
+                      guided=stack("guided"), zero_gradient=stack("zero_gradient"), empty=stack("empty"),
+                      targets_per_sample=len(parts))
     out.warnings = [w for p in parts for w in p.warnings]
     return out
 
