@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from onnxcam import Explainer, OnnxcamError
@@ -239,6 +240,10 @@ def test_int8_trunk_maps_match_fp32_and_leave_the_gradient_float(fp32):
     quantized = [n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"]
     assert quantized and set(quantized) <= trunk_tensors
     assert len(trunk) < len(model.graph.node)
+    # onnxruntime's quantizer moves its input's weights to external files in place: the fused graphs it was
+    # given (the int8 Explainer's and the one above) must come back untouched.
+    assert e.model.SerializeToString() == model.SerializeToString()
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def test_int8_calibration_paths_are_preprocessed_as_explain_image_does():
@@ -247,3 +252,88 @@ def test_int8_calibration_paths_are_preprocessed_as_explain_image_does():
     np.testing.assert_array_equal(samples[0], e.explain_image(PHOTOS[0]).extras["input"])
     with pytest.raises(OnnxcamError, match="calibration array has shape"):
         precisions.calibration_inputs([np.zeros((2, 3))], e.input_shapes[e.image_input])
+
+
+@needs_openvino_bf16
+def test_serve_with_precision_answers_as_the_bf16_explainer(fp32, bf16, tmp_path):
+    """`onnxcam serve --precision auto`: the served maps are the bf16 Explainer's (same engines, same inputs),
+    within docs/precision.md's tolerance of fp32; the log says what ran."""
+    import httpx
+
+    from tests.test_serve import V2, Server, v2_body, v2_outputs
+
+    _, x, ref = fp32
+    server = Server(tmp_path, "--precision", "auto", "--max-batch", "2")
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            got = v2_outputs(client.post(f"{V2}/infer", json=v2_body(x)))
+    finally:
+        assert server.stop() in (0, -15), server.log()
+    assert "precision: auto: bf16 on OpenVINO" in server.log() and "Traceback" not in server.log()
+    want = bf16.explain(x)
+    np.testing.assert_allclose(got["heatmap"], want.heatmaps, atol=1e-5)
+    np.testing.assert_array_equal(got["scores"].argmax(1), ref.targets)
+    assert np.abs(got["heatmap"] - ref.heatmaps).max() < 0.06
+
+
+def test_serve_refuses_calibration_without_int8(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "onnxcam", "serve", str(MODEL), "--calibration", str(PHOTOS[0])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--calibration" in r.stderr, r.stderr
+
+
+def test_auto_with_calibration_also_tries_int8(with_openvino):
+    assert precisions.choose("auto", flags=ZEN4, calibrated=True).try_int8
+    assert not precisions.choose("auto", flags=ZEN4).try_int8  # no calibration images: bf16 only
+    assert not precisions.choose("auto", flags=ZEN4 - {"avx512_vnni"}, calibrated=True).try_int8
+
+
+needs_openvino_int8 = pytest.mark.skipif(precisions.openvino_version() is None or not HAS_BF16 or not HAS_INT8,
+                                         reason="needs openvino and a CPU with bf16 and int8 units")
+
+
+@needs_openvino_int8
+@pytest.mark.parametrize("faster", ["int8", "bf16"])
+def test_auto_with_calibration_keeps_the_faster_trunk(fp32, monkeypatch, faster):
+    """The choice between the int8 trunk and bf16 is a timing (which wins depends on the model): forced here both
+    ways; the int8 trunk really runs in int8 on OpenVINO and stays within docs/precision.md's int8 tolerance."""
+    _, x, ref = fp32
+    seen = []
+
+    def fake_times(sessions, feeds, runs=5):
+        seen.append([s.get_providers()[0] for s in sessions])
+        return [0.002, 0.001] if faster == "int8" else [0.001, 0.002]
+
+    monkeypatch.setattr(precisions, "time_sessions", fake_times)
+    cal = list(np.concatenate([x[..., ::-1], np.roll(x, 40, axis=-1), x * 0.8]))
+    e = Explainer(str(MODEL), precision="auto", calibration=cal)
+    assert seen == [["OpenVINO-CPU-bf16", "OpenVINO-CPU-int8"]]
+    assert e.precision.precision == faster and e.provider == f"OpenVINO-CPU-{faster}"
+    assert "1.0 ms" in e.precision.reason and "2.0 ms" in e.precision.reason
+    used, total = e.session.heavy_layers
+    assert total > 0 and used == total
+    got = e.explain(x)
+    np.testing.assert_array_equal(got.targets, ref.targets)
+    d = _compare(ref, got)
+    assert d["logits"] < 0.25 and d["map"] < 0.2 and d["heat"] < 0.25, d
+
+
+@needs_openvino_bf16
+def test_openvino_compiles_the_shapes_it_sees_statically(fp32, bf16):
+    """The first shapes run on a statically compiled copy (faster on OpenVINO): the same numbers as the dynamic
+    model; a dim the model fixes is never changed by it (a wrong one still fails in OpenVINO)."""
+    _, x, _ = fp32
+    trunk = bf16.session.trunk
+    for xb in (x[:1], x):
+        feeds = {bf16.image_input: xb}
+        got = trunk.run(None, feeds)
+        request = trunk._compiled.create_infer_request()
+        request.infer(feeds)
+        for i, value in enumerate(got):
+            np.testing.assert_allclose(value, request.get_output_tensor(i).data, rtol=1e-5, atol=1e-5)
+    assert sum(v is not None for v in trunk._static.values()) >= 2
+    with pytest.raises(precisions.EngineError, match="^OpenVINO failed: "):
+        trunk.run(None, {bf16.image_input: x[:1, :, :97, :97]})

@@ -692,9 +692,12 @@ def test_every_method_runs_or_refuses(prepared: Prepared):
     fixed, _ = (p.spec.fixed_target or p.spec.target)(p.score_value)
     outcomes, bad = {}, []
     for name, info in METHODS.items():
-        kw = {"channels": list(range(PERTURB_CHANNELS))} if info.kind == "perturbation" else {}
+        kw = {"channels": list(range(PERTURB_CHANNELS))} if name in ("scorecam", "ablationcam") else {}
         try:
-            r = _explainer(p, method=name).explain(p.x, fixed, **kw)
+            if name == "rise":  # no layer; a few masks show that it runs
+                r = Explainer(p.path, output=p.spec.output, method=name, rise={"masks": 16}).explain(p.x, fixed)
+            else:
+                r = _explainer(p, method=name).explain(p.x, fixed, **kw)
         except OnnxcamError as exc:
             msg = str(exc).strip()
             outcomes[name] = f"refused: {msg}"

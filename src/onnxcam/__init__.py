@@ -1,8 +1,8 @@
 """onnxcam: Grad-CAM for any ONNX model, with gradients built from standard ONNX operators."""
 from typing import TYPE_CHECKING
 
-from .cam.targets import (ClassTarget, DetectionTarget, FinerTarget, IndexTarget, RegionTarget, TopClass,
-                          top_classes)
+from .cam.targets import (ClassTarget, DetectionTarget, FinerTarget, IndexTarget, RegionTarget, ReSTTarget,
+                          TopClass, top_classes)
 from .errors import OnnxcamError, UnsupportedOpError
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time they load on first use (below)
@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time they load on first 
 
 __version__ = "0.1.0"
 __all__ = ["Explainer", "Explanation", "OnnxcamError", "UnsupportedOpError", "ClassTarget", "IndexTarget",
-           "RegionTarget", "DetectionTarget", "TopClass", "top_classes", "FinerTarget", "__version__"]
+           "RegionTarget", "DetectionTarget", "TopClass", "top_classes", "FinerTarget", "ReSTTarget", "__version__"]
 
 
 def __getattr__(name: str):

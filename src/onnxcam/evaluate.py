@@ -262,7 +262,7 @@ class Evaluator:
                  metrics: Sequence[str] | None = None, batch_size: int = 32, steps: int = 20, seed: int = 0,
                  road_percentiles: Sequence[float] = M.ROAD_PERCENTILES, occlusion_patch: int | None = None,
                  occlusion_stride: int | None = None, loc_threshold: float = LOC_THRESHOLD, providers=None,
-                 strict_device: bool = False, **pp_overrides):
+                 strict_device: bool = False, rise=None, **pp_overrides):
         self.methods = list(methods)
         if not self.methods:
             raise OnnxcamError("no method given")
@@ -304,8 +304,9 @@ class Evaluator:
         layers = list(layer) if isinstance(layer, (list, tuple)) else layer
         for m in self.methods:
             if m not in PSEUDO_METHODS:
-                self.explainers[m] = Explainer(source, layer=layers or None, method=m, providers=providers,
-                                               batch_size=batch_size)
+                self.explainers[m] = Explainer(source, layer=None if m == "rise" else layers or None, method=m,
+                                               providers=providers, batch_size=batch_size,
+                                               rise=rise if m == "rise" else None)
         grey = (OCCLUSION_GREY * self.pp.scale - np.asarray(self.pp.mean)) / np.asarray(self.pp.std)
         self.grey = grey.astype(np.float32)
 

@@ -469,11 +469,11 @@ def step_count(model, mode: str = "cascading", steps: int | None = None) -> int:
     return len(_cascade_depths(n, steps) if mode == "cascading" else _independent_nodes(n, steps))
 
 
-def _prepare(model, images, methods, targets, layer, preprocessing, providers):
+def _prepare(model, images, methods, targets, layer, preprocessing, providers, rise=None):
     _require_libraries()
     source = load_model(model)  # private copy: nothing below touches the caller's model
     names = check_methods(methods)
-    first = Explainer(source, layer=layer, method=names[0], providers=providers)
+    first = _explainer(source, names[0], layer, providers, rise)
     x = _inputs(first, images, preprocessing or {})
     if targets is not None:
         t = np.asarray([-1 if v is None else v for v in np.atleast_1d(np.asarray(targets, object))], object)
@@ -486,28 +486,44 @@ def _prepare(model, images, methods, targets, layer, preprocessing, providers):
     return source, names, first, x, targets
 
 
+def _layers(first: Explainer, layer):
+    """The layer(s) every method explains: the first method's choice (RISE has none: the user's, or automatic)."""
+    return layer if first.method == "rise" else list(first.layers)
+
+
+def _explainer(model, method: str, layers, providers, rise=None) -> Explainer:
+    """`rise`: RISE's options (onnxcam.cam.perturb.RiseOptions or a dict), for method "rise" only."""
+    if methods_mod.get_method(method).name == "rise":
+        return Explainer(model, method=method, providers=providers, rise=rise)
+    return Explainer(model, layer=layers, method=method, providers=providers)
+
+
 def _scorer(first: Explainer, source) -> Explainer:
     """An Explainer whose explain() gives the scores cheaply: Score-CAM / Ablation-CAM would run their
     hundreds of perturbed forwards just to read them."""
     if first.method_info.kind != "perturbation":
         return first
-    return Explainer(source, layer=list(first.layers), method="eigencam", providers=first.providers)
+    layer = None if first.method == "rise" else list(first.layers)  # RISE's "layer" is the input
+    return Explainer(source, layer=layer, method="eigencam", providers=first.providers)
 
 
 def parameter_randomization(model, images, methods: Sequence[str] = ("gradcam",), mode: str = "cascading",
                             seed: int = 0, steps: int | None = None, targets=None, layer=None,
-                            preprocessing: dict | None = None, providers=None, progress=None) -> SanityResult:
+                            preprocessing: dict | None = None, providers=None, progress=None,
+                            rise=None) -> SanityResult:
     """Adebayo et al.'s model-parameter randomisation test. `images`: an array in the model's layout or image
     paths / PIL images (preprocessed from the model's metadata, overridden by `preprocessing`). `targets`: the
     class per image (None: the trained model's top class), kept through every step. `steps`: None runs every
     weight-bearing node; K runs K cascade depths spaced geometrically from 1 to all (cascading) or K nodes
     spread evenly from the score to the input (independent). `layer`: the explained layer (default: the
-    trained model's automatic choice, kept for every step). `progress(1)` is called per method and step."""
+    trained model's automatic choice, kept for every step; RISE has none). `progress(1)` is called per method and
+    step. `rise`: RISE's options (masks, cells, p, seed), the same masks at every step."""
     if mode not in ("cascading", "independent"):
         raise OnnxcamError(f"unknown randomisation mode '{mode}'; use cascading or independent")
-    source, names, first, x, targets = _prepare(model, images, methods, targets, layer, preprocessing, providers)
+    source, names, first, x, targets = _prepare(model, images, methods, targets, layer, preprocessing, providers,
+                                                rise)
     order = weight_steps(source)
-    layers = list(first.layers)
+    layers = _layers(first, layer)
     if mode == "cascading":
         depths = _cascade_depths(len(order), steps)
         plans = [order[:d] for d in depths]
@@ -520,13 +536,13 @@ def parameter_randomization(model, images, methods: Sequence[str] = ("gradcam",)
     values = {m: np.full((len(names), len(plans), len(x)), np.nan) for m in METRICS}
     examples = {}
     for i, method in enumerate(names):
-        ex = first if method == names[0] else Explainer(source, layer=layers, method=method, providers=providers)
+        ex = first if method == names[0] else _explainer(source, method, layers, providers, rise)
         sa, aa, done = explain_maps(ex, x, targets)
         if targets is None:
             targets = done
         shots = [aa[0]]
         for j, plan in enumerate(plans):
-            rex = Explainer(randomize(source, plan, seed, order), layer=layers, method=method, providers=providers)
+            rex = _explainer(randomize(source, plan, seed, order), method, layers, providers, rise)
             sb, ab, _ = explain_maps(rex, x, targets)
             for k in range(len(x)):
                 for metric, v in similarity(sa[k], aa[k], sb[k], ab[k]).items():
@@ -539,17 +555,18 @@ def parameter_randomization(model, images, methods: Sequence[str] = ("gradcam",)
 
 
 def random_logit(model, images, methods: Sequence[str] = ("gradcam",), seed: int = 0, targets=None, layer=None,
-                 preprocessing: dict | None = None, providers=None, progress=None) -> SanityResult:
+                 preprocessing: dict | None = None, providers=None, progress=None, rise=None) -> SanityResult:
     """Adebayo et al.'s data-randomisation companion on a trained model: each image's map for its class (label
     or top class) against the map for a random other class (uniform, from `seed`). A method whose two maps
     agree does not depend on the class it is asked about."""
-    source, names, first, x, targets = _prepare(model, images, methods, targets, layer, preprocessing, providers)
-    layers = list(first.layers)
+    source, names, first, x, targets = _prepare(model, images, methods, targets, layer, preprocessing, providers,
+                                                rise)
+    layers = _layers(first, layer)
     values = {m: np.full((len(names), 1, len(x)), np.nan) for m in METRICS}
     others = None
     examples = {}
     for i, method in enumerate(names):
-        ex = first if method == names[0] else Explainer(source, layer=layers, method=method, providers=providers)
+        ex = first if method == names[0] else _explainer(source, method, layers, providers, rise)
         if others is None:
             scores = _scorer(first, source).explain(x).scores.reshape(len(x), -1)
             if targets is None:

@@ -12,6 +12,9 @@ from onnx import TensorProto
 
 from . import rules
 from ..errors import OnnxcamError, UnsupportedOpError
+
+# Where a gradient cannot be built, the one method that needs none of the model's internals.
+NO_GRADIENTS = "; --method rise (method='rise') explains any model without gradients"
 from ..model.graph import Emitter, ModelView, ancestors, node_label, subgraph_reads
 from .rules.registry import Context, lookup
 
@@ -99,7 +102,7 @@ def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
         if rule is None:
             raise UnsupportedOpError(
                 f"no gradient rule for op '{node.op_type}' ({node_label(node)}) on the path from the "
-                f"score to the layer; supported ops: see `onnxcam ops`")
+                f"score to the layer; supported ops: see `onnxcam ops`{NO_GRADIENTS}")
         mode = relu_mode if relu_ops is None or node.op_type in relu_ops else "grad"
         ctx = Context(view=view, emit=emit, node=node, needs=needs, relu_mode=mode)
         try:
@@ -107,7 +110,7 @@ def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
         except OnnxcamError:
             raise
         except Exception as exc:
-            raise UnsupportedOpError(f"cannot differentiate {node_label(node)}: {exc}") from None
+            raise UnsupportedOpError(f"cannot differentiate {node_label(node)}: {exc}{NO_GRADIENTS}") from None
         for i, (need, g) in enumerate(zip(needs, gx)):
             if need and g is not None:
                 grads.setdefault(node.input[i], []).append(g)

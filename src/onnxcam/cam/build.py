@@ -11,7 +11,8 @@ Fused graph interface (batch-leading, batch dynamic):
            gradient: `onnxcam_maps` (N, *layer spatial) and `onnxcam_heatmaps` (N, *input spatial),
                      per layer i `onnxcam_maps_i` and `onnxcam_weighted_i` (N, C, *spatial)
            eigen:    `onnxcam_weighted_i`
-           perturbation: `onnxcam_activations_i` and `onnxcam_weights_used` (W)
+           perturbation: `onnxcam_activations_i` and `onnxcam_weights_used` (W); second-order (ShapleyCAM)
+                     methods output both as well
            pixel:    as gradient, plus `onnxcam_guided` (like the input) and for guided-gradcam
                      `onnxcam_guided_gradcam`
 """
@@ -208,7 +209,7 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
     seed, w_f, seed_outputs = _seed(emit, view, spec.score, sign_input, ranked)
     for tensor, name, elem_type, shape in seed_outputs:
         output(tensor, name, elem_type, shape)
-    if method.kind == "perturbation":
+    if method.kind == "perturbation" or method.second_order:
         output(w_f, WEIGHTS_USED, f32, None)
     target_inputs_ = target_inputs(view, spec.score)
     layer_dims = [["N", f"C{i}", *[f"h{i}_{d}" for d in range(r - 2)]] for i, r in enumerate(ranks)]
@@ -234,6 +235,8 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
                 peak = emit.reduce("ReduceMax", emit.op("Reshape", [emit.op("Abs", [g]), emit.ints([0, -1])]),
                                    [1], keepdims=0)
                 output(peak, grad_peak_name(i), f32, ["N"])
+            if method.second_order:  # H A comes from the head run on these activations
+                output(acts, activations_name(i), f32, layer_dims[i])
             weighted = method.weighting(emit, acts, g, ranks[i]) if method.weighting else methods.gradcam(
                 emit, acts, g, ranks[i])
             output(weighted, weighted_name(i), f32, layer_dims[i])  # eigen methods and eigen_smooth read it

@@ -26,6 +26,7 @@ class Method:
     weighting: Weighting | None = None  # for gradient and eigen kinds
     needs_gradients: bool = True
     relu_mode: str = "grad"  # for pixel methods: how ReLUs pass gradients back to the input
+    second_order: bool = False  # the weights also need H A (ShapleyCAM: a second run with a corrected seed)
     help: str = ""
 
     @property
@@ -116,11 +117,17 @@ _register("xgradcam", "gradient", xgradcam, help="XGrad-CAM: activation-normalis
 _register("layercam", "gradient", layercam, help="LayerCAM: positive gradients weight each position")
 _register("hirescam", "gradient", hirescam, help="HiResCAM: gradient times activation per position")
 _register("gradcam-elementwise", "gradient", gradcam_elementwise, help="ReLU(gradient * activation)")
+_register("shapleycam", "gradient", gradcam, second_order=True,
+          help="ShapleyCAM: Grad-CAM of dy/dA - H A / 2 (second-order term; equals Grad-CAM for a class logit)")
 _register("eigencam", "eigen", activations_only, needs_gradients=False,
           help="Eigen-CAM: first principal component of the activations (no gradients)")
 _register("eigengradcam", "eigen", hirescam, help="Eigen-Grad-CAM: first principal component of G * A")
 _register("scorecam", "perturbation", help="Score-CAM: softmax of the scores of activation-masked inputs")
 _register("ablationcam", "perturbation", help="Ablation-CAM: score drop when each channel is zeroed")
+_register("reciprocam", "perturbation", needs_gradients=False,
+          help="ReciproCAM: the target's probability with the layer kept at one position (no gradients)")
+_register("rise", "perturbation", needs_gradients=False,
+          help="RISE: the target's probability under random input masks (no layer, no gradients: any model)")
 _register("guided-backprop", "pixel", relu_mode="guided",
           help="Guided Backpropagation: input gradient, ReLUs pass only positive gradients")
 _register("deconvnet", "pixel", relu_mode="deconvnet", help="Deconvnet: input gradient, ReLUs pass ReLU(gradient)")
@@ -130,7 +137,8 @@ _register("guided-gradcam", "pixel", relu_mode="guided",
 
 def exportable_methods() -> list[str]:
     """The methods whose whole map one ONNX graph computes (onnxcam export, explain_bound)."""
-    return [name for name, m in METHODS.items() if m.kind == "gradient"]
+    # ShapleyCAM: its H A term is a second run (and a check of the head) that one graph does not hold
+    return [name for name, m in METHODS.items() if m.kind == "gradient" and not m.second_order]
 
 
 def cam_from_weighted(emit: Emitter, weighted: str) -> str:

@@ -172,7 +172,47 @@ def finer_weights(z: np.ndarray, t: FinerTarget) -> np.ndarray:
     return (d_num * denominator - numerator * d_den) / denominator ** 2
 
 
-Target = (ClassTarget, TopClass, IndexTarget, RegionTarget, DetectionTarget, FinerTarget, ScoreWeights)
+@dataclass(frozen=True)
+class ReSTTarget:
+    """ReST (Cai et al., arXiv 2501.06261, ShapleyCAM's target): y = z_c - CE(z, c) = z_c + log p_c, the logit
+    and the log-probability of class `cls` (None: the top class), as pytorch-grad-cam's ClassifierOutputReST.
+    Like FinerTarget, W = dy/dz = 2 e_c - p is taken at the sample's own logits."""
+
+    cls: int | None = None
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def rest_weights(z: np.ndarray, t: ReSTTarget) -> np.ndarray:
+    """dy/dz of the ReST score at the logits z (K,), float64."""
+    z = np.asarray(z, np.float64).reshape(-1)
+    c = int(np.argmax(z)) if t.cls is None else t.cls
+    if not 0 <= c < z.size:
+        raise OnnxcamError(f"target {c} is out of range: the score has {z.size} classes (0..{z.size - 1})")
+    w = -_softmax(z)
+    w[c] += 2.0
+    return w
+
+
+def hessian_vector(t, z: np.ndarray, v: np.ndarray) -> np.ndarray | None:
+    """(d^2 y / dz^2) v for a resolved target at the score z (both shaped like one sample's score); None where y
+    is linear in the score (class, index, region, box and given-weights targets: their second derivative is 0)."""
+    source = t.source if isinstance(t, ScoreWeights) else t
+    z64, v64 = np.asarray(z, np.float64).reshape(-1), np.asarray(v, np.float64).reshape(-1)
+    if isinstance(source, ReSTTarget):  # y = 2 z_c - logsumexp(z): H = -(diag p - p p^T)
+        p = _softmax(z64)
+        return (-(p * v64) + p * np.dot(p, v64)).reshape(np.shape(z))
+    if isinstance(source, FinerTarget):  # central differences of the exact gradient, in float64
+        eps = 1e-5 / max(float(np.abs(v64).max()), 1e-12)
+        return ((finer_weights(z64 + eps * v64, source) - finer_weights(z64 - eps * v64, source))
+                / (2 * eps)).reshape(np.shape(z))
+    return None
+
+
+Target = (ClassTarget, TopClass, IndexTarget, RegionTarget, DetectionTarget, FinerTarget, ReSTTarget, ScoreWeights)
 ARGMAX = -1  # the flat index that means the score's largest element
 
 
@@ -323,6 +363,9 @@ def resolve_data_dependent(items: list, scores: np.ndarray, probability: bool) -
         elif isinstance(t, FinerTarget):
             cls = int(np.argmax(sc)) if t.cls is None else t.cls
             t = ScoreWeights(finer_weights(sc, t).reshape(sc.shape), FinerTarget(cls, t.comparisons, t.alpha))
+        elif isinstance(t, ReSTTarget):
+            cls = int(np.argmax(sc)) if t.cls is None else t.cls
+            t = ScoreWeights(rest_weights(sc, t).reshape(sc.shape), ReSTTarget(cls))
         elif isinstance(t, RegionTarget) and t.mask is None and sc.ndim >= 2 and sc.shape[0] == 1:
             if t.cls != 0:
                 raise OnnxcamError(f"region class {t.cls} is out of range: the output has 1 channel (class 0)")
@@ -341,7 +384,7 @@ def needs_scores(items: list, shape: tuple) -> bool:
                    t.cls is None and len(shape) == 2 and t.field_for(shape) == "class"
                    and t.fields(shape)[0] == "yolov5")))
                or (isinstance(t, RegionTarget) and t.mask is None and len(shape) >= 2 and shape[0] == 1)
-               or isinstance(t, FinerTarget)
+               or isinstance(t, (FinerTarget, ReSTTarget))
                for t in items)
 
 
@@ -429,8 +472,9 @@ def plan(items: Sequence, shape: tuple | None) -> Plan:
                 raise OnnxcamError(f"score weights have {w.size} elements; one sample's score has {size}")
             weights = np.zeros((n, *shape), np.float32) if weights is None else weights
             weights[s] = w.reshape(shape)
-        elif isinstance(t, FinerTarget):
-            raise OnnxcamError("a Finer-CAM target is weighted from the scores first (resolve_data_dependent)")
+        elif isinstance(t, (FinerTarget, ReSTTarget)):
+            raise OnnxcamError("a Finer-CAM or ReST target is weighted from the scores first "
+                               "(resolve_data_dependent)")
         elif isinstance(t, RegionTarget):
             if len(shape) < 2:
                 raise OnnxcamError(f"a region target needs an (N, classes, *spatial) output; this one is "
@@ -462,6 +506,8 @@ def describe(t) -> str:
     if isinstance(t, FinerTarget):
         return (f"{'top class' if t.cls is None else f'class {t.cls}'} vs its {t.comparisons} closest classes "
                 f"(Finer-CAM)")
+    if isinstance(t, ReSTTarget):
+        return f"{'top class' if t.cls is None else f'class {t.cls}'} logit + log-probability (ReST)"
     if isinstance(t, ScoreWeights):
         return describe(t.source) if t.source is not None else "weighted score"
     if isinstance(t, RegionTarget):
@@ -472,5 +518,6 @@ def describe(t) -> str:
     return str(t)
 
 
-__all__ = ["ClassTarget", "TopClass", "top_classes", "FinerTarget", "ScoreWeights", "finer_weights", "IndexTarget", "RegionTarget", "DetectionTarget", "Plan", "plan", "resize_mask",
+__all__ = ["ClassTarget", "TopClass", "top_classes", "FinerTarget", "ReSTTarget", "ScoreWeights", "finer_weights",
+           "rest_weights", "hessian_vector", "IndexTarget", "RegionTarget", "DetectionTarget", "Plan", "plan", "resize_mask",
            "describe"]

@@ -171,6 +171,26 @@ def _preprocessing_overrides(preset, mean, std, size, layout) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _precision_options(f):
+    """--precision and --calibration (explain, serve): onnxcam.run.precision."""
+    f = click.option("--calibration", "calibration", multiple=True, type=click.Path(exists=True),
+                     help="Images (files or folders) to calibrate --precision int8 on; repeatable.")(f)
+    return click.option(
+        "--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"], case_sensitive=False),
+        help="Arithmetic of the model's forward (docs/precision.md): bf16/fp16 run the part before the layer "
+             "on OpenVINO (pip install 'onnxcam[openvino]'), int8 quantizes it (needs --calibration); the "
+             "gradient and CAM stay float32. auto: what this CPU has units for. [default: fp32]")(f)
+
+
+def _precision_choice(precision: str | None, calibration) -> tuple[str | None, list | None]:
+    """(precision, calibration image paths) from the options, refusing calibration without int8/auto."""
+    if calibration and (precision or "").lower() not in ("int8", "auto"):
+        _fail("--calibration calibrates --precision int8 (or auto); give it with one of those")
+    images = [item.path for item in dataset.make_items(
+        dataset.collect(list(calibration), dataset.IMAGE_SUFFIXES, []))] if calibration else None
+    return (precision.lower() if precision else None), images
+
+
 def _device_option(f):
     return click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"], case_sensitive=False),
                         default="cpu", show_default=True,
@@ -203,6 +223,8 @@ def cli() -> None:
 @click.option("--finer", is_flag=True,
               help="Finer-CAM: the target class (default: the top one) against the 3 classes whose scores are "
                    "closest to it -- what sets it apart from what it is most easily taken for.")
+@click.option("--rest", is_flag=True,
+              help="ReST (ShapleyCAM's target): the class logit plus its log-probability, y = z_c + log p_c.")
 @click.option("--top-k-maps", "top_k_maps", type=click.IntRange(1, None),
               help="One map for each of the K highest-scoring classes of every image, from one forward.")
 @click.option("--region", help="Segmentation: CLASS[:MASK.png], class CLASS's logits summed over the mask (nonzero "
@@ -224,7 +246,11 @@ def cli() -> None:
 @click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Heatmap opacity.")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, None), help="Classes to print.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None),
-              help="Images per onnxruntime run; also the perturbed images per run of Score-CAM and Ablation-CAM.")
+              help="Images per onnxruntime run; also the perturbed inputs per run of Score-CAM, Ablation-CAM, "
+                   "ReciproCAM and RISE.")
+@click.option("--rise-masks", type=click.IntRange(1, None),
+              help="--method rise: random masks per image [default: 4000, the paper's].")
+@click.option("--rise-cells", type=click.IntRange(1, None), help="--method rise: grid cells per side [default: 7].")
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"], case_sensitive=False),
               help="Format of the overlays written into a folder [default: png; -o FILE: its extension].")
 @click.option("--max-overlay-side", type=click.IntRange(1, None),
@@ -243,12 +269,7 @@ def cli() -> None:
 @click.option("--batch-axis", "batch_axis", type=int, default=None,
               help="Axis of the explained output that holds the samples (default: found from the graph; "
                    "e.g. 1 for (T, N, K) CTC logits).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8", "auto"], case_sensitive=False),
-              help="Arithmetic of the model's forward (docs/precision.md): bf16/fp16 run the part before the layer "
-                   "on OpenVINO (pip install 'onnxcam[openvino]'), int8 quantizes it (needs --calibration); the "
-                   "gradient and CAM stay float32. auto: what this CPU has units for. [default: fp32]")
-@click.option("--calibration", "calibration", multiple=True, type=click.Path(exists=True),
-              help="Images (files or folders) to calibrate --precision int8 on; repeatable.")
+@_precision_options
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Run on a Ray cluster (onnxcam.ray: read -> map_batches -> write_parquet): -o is the folder of "
                    "Parquet files, one row per image (path, target, label, score, probability, heatmap). Without "
@@ -259,7 +280,7 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
             preset, mean, std, size, layout, labels_file, panel, alpha, top, batch_size, fmt, max_overlay_side,
             no_overlay, save_maps, maps_size, maps_dtype, results_file, as_json, batch_axis, device,
             region=None, box=None, field=None, extra_inputs=(), top_k_maps=None, ray_address=None, precision=None,
-            calibration=(), finer=False):
+            calibration=(), finer=False, rise_masks=None, rise_cells=None, rest=False):
     """Write a CAM overlay for each image and print the top classes. PATH is an image (or .npy tensor), a
     folder (searched recursively) or a quoted glob such as 'data/**/*.jpg'; images stream through in batches.
     An unreadable file is skipped with one line, and the run ends with exit status 1."""
@@ -276,13 +297,16 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
     if top_k_maps is not None and (several is not None or target is not None):
         _fail("--top-k-maps and --target cannot be combined: give the classes, or let the top K be chosen")
     multi = several is not None or top_k_maps is not None
-    if finer:
+    if finer and rest:
+        _fail("--finer and --rest are two targets; give one")
+    if finer or rest:
+        flag_name = "--finer" if finer else "--rest"
         for flag, given in (("--region", region), ("--box", box), ("--top-k-maps", top_k_maps),
                             ("several --target", several)):
             if given:
-                _fail(f"--finer compares one class with its closest ones; {flag} goes without it")
+                _fail(f"{flag_name} explains one class of a classifier; {flag} goes without it")
         if target is not None and "," in target:
-            _fail("--finer takes a class index or label as --target, not an index tuple")
+            _fail(f"{flag_name} takes a class index or label as --target, not an index tuple")
     if multi:
         for flag, given in (("--region", region), ("--box", box), ("--panel", panel)):
             if given:
@@ -298,8 +322,8 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
                                             "--save-maps": save_maps, "--results": results_file,
                                             "--json": as_json, "--labels": labels_file, "--batch-axis": batch_axis,
                                             "--top-k-maps": top_k_maps, "several --target": several,
-                                            "--finer": finer,
-                                            "--no-overlay": no_overlay, "--format": fmt,
+                                            "--finer": finer, "--rest": rest, "--rise-masks": rise_masks,
+                                            "--rise-cells": rise_cells, "--no-overlay": no_overlay, "--format": fmt,
                                             "--precision": precision, "--calibration": calibration,
                                             "--max-overlay-side": max_overlay_side})
     if panel and method not in ("gradcam", "guided-gradcam", "guided-backprop"):
@@ -339,13 +363,11 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
         return paths, to_create
 
     _, to_create = plan(items)  # before the model loads: a wrong -o is one line at once
-    if calibration and (precision or "").lower() not in ("int8", "auto"):
-        _fail("--calibration calibrates --precision int8 (or auto); give it with one of those")
-    calibration_images = [item.path for item in dataset.make_items(
-        dataset.collect(list(calibration), dataset.IMAGE_SUFFIXES, []))] if calibration else None
+    precision, calibration_images = _precision_choice(precision, calibration)
     explainer = Explainer(model, layer=_layer_names(layers), method="guided-gradcam" if panel else method,
                           output=output_name, batch_size=batch_size, device=device, batch_axis=batch_axis,
-                          precision=precision.lower() if precision else None, calibration=calibration_images)
+                          precision=precision, calibration=calibration_images,
+                          rise=_rise_options(method, rise_masks, rise_cells))
     if precision:  # what ran, and why (auto reads the CPU's flags)
         click.echo(f"onnxcam: precision: {explainer.precision.reason}", err=True)
     model_outputs = [o.name for o in explainer.source_model.graph.output]
@@ -374,10 +396,10 @@ def explain(ctx, model, images, out, layers, target, method, counterfactual, aug
         target_index = target_kinds.DetectionTarget(None, "class")
     else:
         target_index = _resolve_target(target, labels, k)
-    if finer:
+    if finer or rest:
         if explainer.sample_shape is None or len(explainer.sample_shape) != 1 or explainer.is_detector:
-            _fail("--finer compares classes of a classifier's (N, classes) score")
-        target_index = target_kinds.FinerTarget(target_index)
+            _fail(f"{'--finer' if finer else '--rest'} needs a classifier's (N, classes) score")
+        target_index = target_kinds.FinerTarget(target_index) if finer else target_kinds.ReSTTarget(target_index)
     if multi:
         if explainer.sample_shape is None or len(explainer.sample_shape) != 1 or explainer.is_detector:
             _fail("several classes per image need a classifier's (N, classes) score")
@@ -832,14 +854,17 @@ def export_cmd(model, out, layers, method, heatmap_size, output_name, triton_dir
               help="CPUs per replica (with --ray); onnxruntime uses as many threads [default: 1].")
 @click.option("--replica-gpus", type=click.FloatRange(0, None),
               help="GPUs per replica (with --ray) [default: 1 with --device cuda/tensorrt, else 0].")
+@_precision_options
 @_device_option
 @click.pass_context
 def serve_cmd(ctx, model, host, port, name, max_batch, batch_wait_ms, max_queue, workers, max_body_mb, max_image_mp,
               max_request_mp, max_inflight_mp, max_overlay_side, header_timeout, body_timeout, keep_alive_timeout,
               max_connections, layers, method, preset, mean, std, size, layout, labels_file, device,
-              ray_address=None, replicas=None, replica_cpus=None, replica_gpus=None):
+              ray_address=None, replicas=None, replica_cpus=None, replica_gpus=None, precision=None, calibration=()):
     """Serve MODEL over HTTP (KServe V1 and Open Inference Protocol v2) with micro-batching."""
     from .. import serve
+
+    precision, calibration_images = _precision_choice(precision, calibration)
 
     overrides = _preprocessing_overrides(preset, mean, std, size, layout)
     labels = preprocess.labels_from_file(labels_file) if labels_file else None
@@ -865,12 +890,21 @@ def serve_cmd(ctx, model, host, port, name, max_batch, batch_wait_ms, max_queue,
                 max_queue=max_queue, max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=_layer_names(layers),
                 method=method, device=device, limits=limits, labels=labels, preprocess_overrides=overrides,
                 num_cpus=1.0 if replica_cpus is None else replica_cpus, num_gpus=replica_gpus,
-                keep_alive_timeout=keep_alive_timeout, address=None if ray_address == "local" else ray_address)
+                keep_alive_timeout=keep_alive_timeout, address=None if ray_address == "local" else ray_address,
+                precision=precision, calibration=calibration_images)
         return
     serve.run(model, host=host, port=port, name=name, max_batch=max_batch, max_queue=max_queue, workers=workers,
               max_body_mb=max_body_mb, batch_wait_ms=batch_wait_ms, layer=_layer_names(layers), method=method,
               device=device, limits=limits, header_timeout=header_timeout, keep_alive_timeout=keep_alive_timeout,
-              max_connections=max_connections, labels=labels, preprocess_overrides=overrides)
+              max_connections=max_connections, labels=labels, preprocess_overrides=overrides, precision=precision,
+              calibration=calibration_images)
+
+
+def _rise_options(method: str, masks: int | None, cells: int | None) -> dict | None:
+    given = {k: v for k, v in (("masks", masks), ("cells", cells)) if v is not None}
+    if given and method.lower() != "rise":
+        _fail("--rise-masks and --rise-cells belong to --method rise")
+    return given or None
 
 
 @cli.command("evaluate")
@@ -903,9 +937,12 @@ def serve_cmd(ctx, model, host, port, name, max_batch, batch_wait_ms, max_queue,
 @click.option("--sanity-steps", type=click.IntRange(1, None),
               help="With --sanity cascading/independent: this many randomisation steps [default: every node].")
 @click.option("--plot", "plot_path", help="With --sanity: also draw the similarities into this .png file.")
+@click.option("--rise-masks", type=click.IntRange(1, None),
+              help="--method rise: random masks per image [default: 4000, the paper's].")
 @_device_option
 def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_size, steps, road_percentiles,
-                 loc_threshold, limit, seed, preset, size, controls, sanity, sanity_steps, plot_path, device):
+                 loc_threshold, limit, seed, preset, size, controls, sanity, sanity_steps, plot_path, device,
+                 rise_masks=None):
     """Score explanations of MODEL on the images in DATA: localization (boxes), pointing game (masks),
     deletion/insertion, Average Drop / Increase in Confidence, ROAD, faithfulness to occlusion.
     DATA is a folder with annotations.json, one CSV (image,label,x0,y0,x1,y1) or Pascal VOC XMLs; see
@@ -953,7 +990,8 @@ def evaluate_cmd(model, data, method_names, layers, metric_names, out, batch_siz
     evaluator = ev.Evaluator(model, methods_list, layer=_layer_names(layers), metrics=names, batch_size=batch_size,
                              steps=steps, seed=seed, road_percentiles=percentiles, loc_threshold=loc_threshold,
                              preset=preset, size=_parse_size(size), providers=providers,
-                             strict_device=explicit_gpu(device))
+                             strict_device=explicit_gpu(device),
+                             rise=_rise_options("rise" if "rise" in methods_list else "", rise_masks, None))
     provider = evaluator.session.get_providers()[0]
     samples = ev.load_dataset(data, evaluator.labels)[:limit]
     with click.progressbar(length=len(samples) * len(methods_list), label=f"evaluating on {provider}",

@@ -55,12 +55,14 @@ class OnnxcamDeployment:
                  max_body_bytes: int = 32 * 2**20, batch_wait_ms: float = 5.0, limits: Limits | None = None,
                  methods: Sequence[str] | None = None, layer=None, method: str = "gradcam",
                  device: str | None = None, labels: Sequence[str] | None = None,
-                 preprocess_overrides: dict | None = None, threads: int | None = None):
+                 preprocess_overrides: dict | None = None, threads: int | None = None, precision: str | None = None,
+                 calibration=None):
         options = None
         if threads is not None:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
-        explainer = Explainer(model, layer=layer, method=method, device=device, session_options=options)
+        explainer = Explainer(model, layer=layer, method=method, device=device, session_options=options,
+                              precision=precision, calibration=calibration)
         if labels is not None or preprocess_overrides:
             explainer.use_defaults(labels, **(preprocess_overrides or {}))
         if name is None and isinstance(model, (str, os.PathLike)):
@@ -141,7 +143,8 @@ def run(model, replicas: int = 1, host: str = "127.0.0.1", port: int = 8080, nam
         layer=None, method: str = "gradcam", device: str | None = None, limits: Limits | None = None,
         methods: Sequence[str] | None = None, labels: Sequence[str] | None = None,
         preprocess_overrides: dict | None = None, num_cpus: float = 1.0, num_gpus: float | None = None,
-        threads: int | None = None, address: str | None = None, keep_alive_timeout: float = 5.0) -> None:
+        threads: int | None = None, address: str | None = None, keep_alive_timeout: float = 5.0,
+        precision: str | None = None, calibration=None) -> None:
     """Serves `model` from `replicas` Ray Serve replicas on http://host:port until SIGTERM/SIGINT, then shuts
     Ray Serve down. `address`: a running Ray cluster ("auto", host:port or ray://...), where only this
     application is deleted at the end (and where Serve runs already, its HTTP host and port stay); None (or
@@ -154,7 +157,9 @@ def run(model, replicas: int = 1, host: str = "127.0.0.1", port: int = 8080, nam
         name = name or Path(model).stem
     # The model, layer, labels and preprocessing are checked here, on the CPU, so that a mistake is one line
     # now rather than a replica's traceback after Ray has started.
-    checked = Explainer(model, layer=layer, method=method)
+    checked = Explainer(model, layer=layer, method=method, precision=precision, calibration=calibration)
+    if precision is not None:
+        print(f"onnxcam: precision: {checked.precision.reason}", file=sys.stderr, flush=True)
     if labels is not None or preprocess_overrides:
         checked.use_defaults(labels, **(preprocess_overrides or {}))
     model_spec(checked, name, methods)
@@ -163,7 +168,8 @@ def run(model, replicas: int = 1, host: str = "127.0.0.1", port: int = 8080, nam
     app = application(model, replicas=replicas, num_cpus=num_cpus, num_gpus=num_gpus, threads=threads,
                       max_queue=max_queue, name=name, max_batch=max_batch, max_body_bytes=int(max_body_mb * 2**20),
                       batch_wait_ms=batch_wait_ms, limits=limits, methods=methods, layer=layer, method=method,
-                      device=device, labels=labels, preprocess_overrides=preprocess_overrides)
+                      device=device, labels=labels, preprocess_overrides=preprocess_overrides, precision=precision,
+                      calibration=calibration)
     stop = threading.Event()
     previous: dict = {}
     started_ray = not ray.is_initialized()

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .runtime import ort  # first: says what to install when onnxruntime is missing
+from ..autodiff import curvature
 from ..cam import build, methods, perturb
 from ..cam import targets as target_kinds
 from ..errors import OnnxcamError
@@ -183,9 +184,13 @@ class Explainer:
                  providers: Sequence | None = None, output: str | None = None, layout: str | None = None,
                  batch_size: int = 32, guided_ops: Sequence[str] = build.DEFAULT_GUIDED_OPS,
                  session_options=None, device: str | None = None, base_dir=None,
-                 batch_axis: int | None = None, precision: str | None = None, calibration=None):
+                 batch_axis: int | None = None, precision: str | None = None, calibration=None,
+                 rise: perturb.RiseOptions | dict | None = None):
         self.method_info = methods.get_method(method)
         method = self.method_info.name  # "GradCAM" and "gradcam" are one method
+        if rise is not None and method != "rise":
+            raise OnnxcamError(f"RISE options given for method '{method}'")
+        self.rise = rise if isinstance(rise, perturb.RiseOptions) else perturb.RiseOptions(**(rise or {}))
         strict = providers is None and explicit_gpu(device)  # no silent CPU fallback for a named GPU
         if providers is None and device is not None:  # `providers` wins over `device`; neither: the CPU
             providers = resolve_device(device)
@@ -199,7 +204,13 @@ class Explainer:
         inferred = infer_shapes(working)
         view = ModelView(inferred)
         self.input_names = list(view.graph_inputs)
-        self.image_input, self.score, self.layers = select.resolve(view, layer, output)
+        if method == "rise":  # masks the input: no layer, so any model (an MLP, an op without a gradient rule)
+            self.image_input, self.score = select.image_input(view), select.find_score(view, output)
+            if layer is not None and ([layer] if isinstance(layer, str) else list(layer)) != [self.image_input]:
+                raise OnnxcamError("RISE masks the input and takes no layer")
+            self.layers = (self.image_input,)
+        else:
+            self.image_input, self.score, self.layers = select.resolve(view, layer, output)
         self.output_name = self.score
         self.score_is_probability = select.after_sigmoid(view, self.score)
         self.batching = select.batching(inferred, view, self.image_input, self.score, batch_axis)
@@ -224,11 +235,21 @@ class Explainer:
         self.layer_ranks = [layouts.effective_rank(lay, view.rank(name))
                             for lay, name in zip(self.layer_layouts, self.layers)]
         self.image_rank = view.rank(self.image_input)
-        if method == "ablationcam" and any(lay.kind == layouts.TOKENS for lay in self.layer_layouts):
-            # Ablating a channel of the patch grid would leave it intact in the class token, which is what the
-            # head reads: not the method's question.
-            raise OnnxcamError(f"Ablation-CAM needs a feature-map layer; '{self.layer}' holds tokens "
-                               f"(use gradcam, scorecam or another method)")
+        if method in ("ablationcam", "reciprocam") and any(lay.kind == layouts.TOKENS for lay in self.layer_layouts):
+            # Ablating a channel (or keeping one position) of the patch grid would leave it intact in the class
+            # token, which is what the head reads: not the method's question.
+            raise OnnxcamError(f"{'Ablation-CAM' if method == 'ablationcam' else 'ReciproCAM'} needs a feature-map "
+                               f"layer; '{self.layer}' holds tokens (use gradcam, scorecam or another method)")
+        self._head_kinked = False
+        if self.method_info.second_order:
+            if len(self.layers) > 1:
+                raise OnnxcamError("ShapleyCAM explains one layer at a time")
+            head = curvature.head_curvature(view, self.layer, self.score)
+            if head.curved is not None:
+                raise OnnxcamError(f"ShapleyCAM needs the score's second derivative at the layer; {head.curved} "
+                                   f"after '{self.layer}' is curved and onnxcam builds first-order gradients only "
+                                   f"(choose a layer after it, or use gradcam)")
+            self._head_kinked = head.kinked
         self.guided_ops = tuple(guided_ops)
         self.multi_target_note: str | None = None  # why several targets per sample run one after the other
         spec = build.Spec(image=self.image_input, layers=self.layers, score=self.score, method=method,
@@ -427,7 +448,7 @@ class Explainer:
                     self.multi_target_note = "the graph computes one sample per run"
                 elif self.batching.axis != 0 or self.batching.rank is not None:
                     self.multi_target_note = "the score does not hold the samples on its first axis"
-                elif self.method_info.kind not in ("gradient", "eigen"):
+                elif self.method_info.kind not in ("gradient", "eigen") or self.method_info.second_order:
                     self.multi_target_note = f"method '{self.method}' is not computed from the layer's gradient alone"
                 else:
                     try:
@@ -467,6 +488,8 @@ class Explainer:
                                                             self.score_is_probability)
         plan = target_kinds.plan(items, shape)
         outs = self._run_session(feeds, plan, counterfactual, session)
+        if self.method_info.second_order and not classic:
+            outs = self._second_order(feeds, items, shape, outs, counterfactual)
         scores, chosen = outs[build.SCORES], outs[build.TARGETS]
         check_samples(scores, n, self.output_name)
         require_finite(scores, f"the model's output '{self.output_name}'")
@@ -510,6 +533,42 @@ class Explainer:
         flag_empty(r, outs, self.layers, quiet=quiet)
         return r
 
+    def _second_order(self, feeds, items, shape, outs, counterfactual) -> dict:
+        """ShapleyCAM's weights mean(dy/dA - H A / 2). The head after the layer is piecewise linear (checked at
+        construction), so H A = J^T H_y (J A): y's own curvature in the score, one more VJP. Linear targets have
+        H_y = 0 (the first run stands: Grad-CAM); for the others the fused graph runs again with the seed
+        W - H_y (J A) / 2. J A, the head's derivative along A, is a central difference through the head session:
+        exact for an affine head (step 1/2), and for a kinked one wherever no kink lies within 0.1% of A."""
+        z = outs[build.SCORES]
+        curved = [target_kinds.hessian_vector(t, z[s], z[s]) is not None for s, t in enumerate(items)]
+        if not any(curved):
+            return outs
+        acts = outs[build.activations_name(0)]
+        n = len(items)
+        step = 1e-3 if self._head_kinked else 0.5
+        session = self._head_session(0)
+        needed = {x.name for x in session.get_inputs()}
+        extra = {k: np.concatenate([v, v]) for k, v in feeds.items() if k in needed}
+        feed = {perturb.LAYER_IN: np.concatenate([acts * np.float32(1 + step), acts * np.float32(1 - step)]),
+                **extra}
+        if self.batching.fixed:
+            rows = [session.run([perturb.SCORE], {k: v[r:r + 1] for k, v in feed.items()})[0] for r in range(2 * n)]
+            moved = np.concatenate(rows)
+        else:
+            moved = session.run([perturb.SCORE], feed)[0]
+        moved = np.asarray(moved, np.float64).reshape(2, n, -1)
+        jva = (moved[0] - moved[1]) / (2 * step)
+        w = np.asarray(outs[build.WEIGHTS_USED], np.float64).reshape(n, -1)
+        fixed = []
+        for s, t in enumerate(items):
+            hv = target_kinds.hessian_vector(t, z[s], jva[s]) if curved[s] else None
+            ws = w[s] if hv is None else w[s] - 0.5 * np.asarray(hv, np.float64).reshape(-1)
+            fixed.append(target_kinds.ScoreWeights(ws.reshape(shape), source=t))
+        again = self._run_session(feeds, target_kinds.plan(fixed, shape), counterfactual)
+        # y and the element explained are the target's, not the corrected seed's
+        again.update({k: outs[k] for k in (build.TARGETS, build.TARGET_SCORES, build.WEIGHTS_USED)})
+        return again
+
     def _target_feeds(self, plan: target_kinds.Plan) -> dict:
         """The fused graph's target inputs for a plan; absent parts are all-zero arrays that broadcast."""
         ones = (1,) * (self.score_rank or 1)
@@ -547,8 +606,8 @@ class Explainer:
         """The score's per-sample shape: static from the model, else from one forward run."""
         return self.sample_shape if self.sample_shape is not None else tuple(self._score_values(feeds).shape[1:])
 
-    def _score_values(self, feeds) -> np.ndarray:
-        """The score (N, ...) from a forward run of the model alone (targets that depend on it)."""
+    def _probe_session(self):
+        """The model alone, its inputs -> the score (batch first): targets that depend on the score, RISE."""
         with self._aux_lock:
             if "probe" not in self._aux:
                 m = load_model(self._inferred)  # a private copy
@@ -557,7 +616,11 @@ class Explainer:
                     self.score, ModelView(m).elem_type(self.score), None))
                 prune(m, [self.score])
                 self._aux["probe"] = make_session(m, self.providers, self.session_options)
-            probe = self._aux["probe"]
+            return self._aux["probe"]
+
+    def _score_values(self, feeds) -> np.ndarray:
+        """The score (N, ...) from a forward run of the model alone (targets that depend on it)."""
+        probe = self._probe_session()
         needed = {i.name for i in probe.get_inputs()}
         try:
             return probe.run(None, {k: v for k, v in feeds.items() if k in needed})[0]
@@ -643,16 +706,30 @@ class Explainer:
         return self._postprocess().run([build.HEATMAPS], feeds)[0]
 
     def _perturbation_session(self, i: int):
-        if self.method not in ("scorecam", "ablationcam"):
+        if self.method_info.kind != "perturbation":
             return None
-        key = ("perturb", i)
+        if self.method == "rise":
+            return self._probe_session()
+        if self.method != "scorecam":  # Ablation-CAM and ReciproCAM: the model after the layer
+            return self._head_session(i)
+        with self._aux_lock:
+            if "scorecam" not in self._aux:
+                g = perturb.scorecam_graph(self._inferred, self.image_input, self.score, self.layout)
+                self._aux["scorecam"] = make_session(g, self.providers, self.session_options)
+            return self._aux["scorecam"]
+
+    def _verdict(self, session) -> dict:
+        """Whether this auxiliary session batches perturbed inputs faithfully, once found (perturb checks it)."""
+        with self._aux_lock:
+            return self._aux.setdefault(("verdict", id(session)), {})
+
+    def _head_session(self, i: int):
+        """The model after layer i, the layer an input (fed channels-first float32): perturb.ablation_graph."""
+        key = ("head", i)
         with self._aux_lock:
             if key not in self._aux:
-                if self.method == "scorecam":
-                    g = perturb.scorecam_graph(self._inferred, self.image_input, self.score, self.layout)
-                else:
-                    g = perturb.ablation_graph(self._inferred, self.layers[i], self.score,
-                                               channels_last=self.layer_layouts[i].kind == layouts.CHANNELS_LAST)
+                g = perturb.ablation_graph(self._inferred, self.layers[i], self.score,
+                                           channels_last=self.layer_layouts[i].kind == layouts.CHANNELS_LAST)
                 self._aux[key] = make_session(g, self.providers, self.session_options)
             return self._aux[key]
 
@@ -661,6 +738,10 @@ class Explainer:
         so that a perturbed input is scored as y = <W, score> whatever the target."""
         acts = outs[build.activations_name(i)]
         n, c = acts.shape[:2]
+        if self.method in ("reciprocam", "rise"):
+            if channels is not None:
+                raise OnnxcamError(f"channels apply to Score-CAM and Ablation-CAM, not to '{self.method}'")
+            return self._probability_maps(i, feeds, acts, weights, progress)
         chans = np.arange(c) if channels is None else np.asarray(channels, np.int64)
         if chans.size == 0 or chans.min() < 0 or chans.max() >= c:
             raise OnnxcamError(f"channels must be indices in 0..{c - 1}")
@@ -673,20 +754,50 @@ class Explainer:
             target = weights[s]
             if self.method == "scorecam":
                 w = perturb.scorecam_weights(session, feeds[self.image_input][s:s + 1], acts[s], target, chans,
-                                             batch, extra, progress)
+                                             batch, extra, progress, self._verdict(session))
             else:
                 if self.image_input in needed:
                     extra[self.image_input] = feeds[self.image_input][s:s + 1]
                 w = perturb.ablation_weights(session, acts[s], float(outs[build.TARGET_SCORES][s]), target, chans,
-                                             batch, extra, progress)
+                                             batch, extra, progress, self._verdict(session))
             weighted = w.reshape((c,) + (1,) * (acts.ndim - 2)) * acts[s]
             maps.append(np.maximum(weighted.sum(axis=0), 0))
+        return np.float32(maps)
+
+    def _probability_maps(self, i, feeds, acts, weights, progress) -> np.ndarray:
+        """ReciproCAM and RISE: maps of the target's probability over the perturbed runs, sample by sample."""
+        session = self._perturbation_session(i)
+        needed = {x.name for x in session.get_inputs()}
+        softmax = self.score_rank == 2 and not self.score_is_probability
+        rows = 1 if self.batching.fixed else self.batch_size
+        maps = []
+        for s in range(acts.shape[0]):
+            extra = {k: v[s:s + 1] for k, v in feeds.items() if k in needed and k != self.image_input}
+            if self.method == "rise":
+                maps.append(perturb.rise_map(session, feeds[self.image_input][s:s + 1], self.image_input,
+                                             self.score, self.layout, weights[s], softmax, self.rise, rows,
+                                             extra, progress))
+                continue
+            if self.image_input in needed:
+                extra[self.image_input] = feeds[self.image_input][s:s + 1]
+            positions = int(np.prod(acts.shape[2:]))
+            if not self.batching.fixed:  # all positions in one run where that stays below 64 MB
+                rows = max(rows, min(positions, (64 << 20) // max(1, 4 * acts[s].size)))
+            maps.append(perturb.reciprocam_map(session, acts[s], weights[s], softmax, rows, extra, progress,
+                                               self._verdict(session)))
         return np.float32(maps)
 
     def perturbation_count(self, n: int, channels: Sequence[int] | None = None) -> int:
         """How many perturbed forward passes explain() will run for a batch of n (for progress bars)."""
         if self.method_info.kind != "perturbation":
             return 0
+        if self.method == "rise":
+            return n * self.rise.masks
+        if self.method == "reciprocam":
+            shapes = [ModelView(self._inferred).shape(name) for name in self.layers]
+            return n * sum(int(np.prod(layouts.spatial_dims(lay, s))) if s and all(
+                isinstance(d, int) for d in layouts.spatial_dims(lay, s)) else 0
+                for lay, s in zip(self.layer_layouts, shapes))
         per = [len(channels) if channels is not None else None] * len(self.layers)
         sizes = [p if p is not None else self._channels(i) for i, p in enumerate(per)]
         return n * sum(sizes)

@@ -76,6 +76,9 @@ class Choice:
     engine: str  # "onnxruntime", "openvino", or "openvino+onnxruntime" (the trunk on one, the head on the other)
     reason: str  # one line: why this precision, for the user to read
     requested: str = "fp32"
+    # auto with calibration images on a CPU with int8 units: also try the int8 trunk on OpenVINO, and keep the
+    # faster of the two on this model (open_session times both on a calibration image)
+    try_int8: bool = False
 
 
 def openvino_version() -> str | None:
@@ -140,7 +143,8 @@ def _auto(flags, calibrated: bool) -> Choice:
     bf16, int8 = _units(flags, BF16_FLAGS), _units(flags, INT8_FLAGS)
     ov = openvino_version()
     if bf16 and ov is not None:
-        return Choice("bf16", "openvino", f"auto: bf16 on OpenVINO {ov} (the CPU has {', '.join(bf16)})", "auto")
+        return Choice("bf16", "openvino", f"auto: bf16 on OpenVINO {ov} (the CPU has {', '.join(bf16)})", "auto",
+                      try_int8=bool(calibrated and int8))
     if calibrated and int8:
         return Choice("int8", "onnxruntime", f"auto: int8 trunk on onnxruntime (calibration images given; the CPU "
                       f"has {', '.join(int8)}{'' if not bf16 else ' and ' + bf16[0] + ', but OpenVINO is not installed'})",
@@ -155,6 +159,7 @@ def _auto(flags, calibrated: bool) -> Choice:
 
 
 # -- OpenVINO ------------------------------------------------------------------------------------
+STATIC_SHAPES = 4  # input shapes an OpenVINOSession also compiles statically (the first ones it sees)
 _OV_TYPES = {"f32": "float", "f16": "float16", "f64": "double", "i64": "int64", "i32": "int32", "i8": "int8",
              "u8": "uint8", "boolean": "bool"}
 # Layers whose runtime precision says whether the reduced type was really used: the ones that carry the work.
@@ -190,13 +195,14 @@ class OpenVINOSession:
             raise OnnxcamError(f"precision {precision} runs on OpenVINO, which is not installed: "
                                f"{OPENVINO_HINT}") from None
         self.precision = precision
-        config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}[precision],
+        # int8: the QDQ pairs say what is int8 (OpenVINO's low-precision transformations); the rest stays f32
+        config = {"INFERENCE_PRECISION_HINT": {"bf16": "bf16", "fp16": "f16", "fp32": "f32", "int8": "f32"}[precision],
                   "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        core = ov.Core()
+        self._core, self._config, self._bytes = ov.Core(), config, model.SerializeToString()
         try:
-            self._compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config)
+            self._compiled = self._core.compile_model(self._core.read_model(self._bytes, b""), "CPU", config)
         except Exception as exc:
             raise OnnxcamError(f"OpenVINO cannot compile the explain graph: {first_line(exc)}") from None
         self._inputs = [self._port(p) for p in self._compiled.inputs]
@@ -204,6 +210,11 @@ class OpenVINOSession:
         self._output_index = {p.name: i for i, p in enumerate(self._outputs)}
         self.heavy_layers = self._heavy_layers(precision)
         self._local = threading.local()
+        # Compiled for the input shapes of the first STATIC_SHAPES calls too: OpenVINO runs a static-shape model
+        # ~10% faster than the dynamic one (3.0 vs 3.4 ms for EfficientNet-Lite0's trunk at batch 1); other
+        # shapes run on the dynamic one. None: that shape would not compile statically.
+        self._static: dict = {}
+        self._static_lock = threading.Lock()
 
     @staticmethod
     def _port(port) -> _Port:
@@ -215,14 +226,14 @@ class OpenVINOSession:
         return _Port(name, dims, f"tensor({_OV_TYPES.get(port.get_element_type().get_type_name(), 'unknown')})")
 
     def _heavy_layers(self, precision: str) -> tuple[int, int]:
-        want = {"bf16": "bf16", "fp16": "f16", "fp32": "f32"}[precision]
+        want = {"bf16": ("bf16",), "fp16": ("f16",), "fp32": ("f32",), "int8": ("u8", "i8")}[precision]
         used = total = 0
         try:
             for op in self._compiled.get_runtime_model().get_ordered_ops():
                 info = op.get_rt_info()
                 if info["layerType"].astype(str) in _HEAVY:
                     total += 1
-                    used += info["runtimePrecision"].astype(str) == want
+                    used += info["runtimePrecision"].astype(str) in want
         except Exception:  # the runtime model's layout is OpenVINO's own: unknown means unknown
             return -1, -1
         return used, total
@@ -236,13 +247,35 @@ class OpenVINOSession:
     def get_providers(self) -> list:
         return [f"OpenVINO-CPU-{self.precision}"]
 
+    def _for_shapes(self, feeds: dict):
+        key = tuple(sorted((k, tuple(np.shape(v))) for k, v in feeds.items()))
+        declared = {p.name: p.shape for p in self._inputs}
+        for name, shape in key:  # only the dims the model leaves open are fixed; a wrong one is OpenVINO's to refuse
+            dims = declared.get(name)
+            if dims is None or len(dims) != len(shape) or any(d is not None and d != n for d, n in zip(dims, shape)):
+                return self._compiled
+        with self._static_lock:
+            if key not in self._static and len(self._static) < STATIC_SHAPES:
+                try:
+                    model = self._core.read_model(self._bytes, b"")
+                    model.reshape({k: list(shape) for k, shape in key})
+                    self._static[key] = self._core.compile_model(model, "CPU", self._config)
+                except Exception:  # a shape computation that needs the dynamic model: keep using it
+                    self._static[key] = None
+            return self._static.get(key) or self._compiled
+
     def run(self, output_names, feeds, run_options=None) -> list:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
         wanted = {p.name for p in self._inputs}
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in wanted}
+        compiled = self._for_shapes(feeds)
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        request = requests.get(id(compiled))
+        if request is None:
+            request = requests[id(compiled)] = compiled.create_infer_request()
         try:
-            request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items() if k in wanted})
+            request.infer(feeds)
         except Exception as exc:
             raise EngineError(f"OpenVINO failed: {first_line(exc)}") from None
         # The request owns its output buffers and overwrites them on its next run: copies leave with the caller.
@@ -301,6 +334,14 @@ def trunk_nodes(model: onnx.ModelProto, layers) -> list[str]:
 def quantize_trunk(model: onnx.ModelProto, image: str, layers, samples: list) -> onnx.ModelProto:
     """The fused graph with its trunk quantized to int8 (static QDQ, per-channel weights, activation ranges
     from `samples` by onnxruntime.quantization's MinMax calibration)."""
+    nodes = trunk_nodes(model, layers)
+    if not nodes:
+        raise OnnxcamError("int8: the layer is the model's input; there is no trunk to quantize")
+    return quantize(model, image, samples, nodes)
+
+
+def quantize(model: onnx.ModelProto, image: str, samples: list, nodes: list[str] | None = None) -> onnx.ModelProto:
+    """`model` with `nodes` (None: all) quantized to int8 as quantize_trunk says; a new model."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -308,10 +349,6 @@ def quantize_trunk(model: onnx.ModelProto, image: str, layers, samples: list) ->
     extra = [i.name for i in model.graph.input if i.name != image and not i.name.startswith("onnxcam_")]
     if extra:
         raise OnnxcamError(f"int8 calibration feeds the image input only; the model also takes '{extra[0]}'")
-    fixed = {build.TARGET: np.full(1, -1, np.int64), build.SIGN: np.ones(1, np.float32),
-             build.WEIGHTS: np.zeros((1, 1), np.float32), build.SELECT: np.zeros((1, 1), bool),
-             build.GROUP: np.zeros((1, 1), bool)}
-    names = {i.name for i in model.graph.input}
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -319,11 +356,11 @@ def quantize_trunk(model: onnx.ModelProto, image: str, layers, samples: list) ->
 
         def get_next(self):
             x = next(self._it, None)
-            return None if x is None else {image: x, **{k: v for k, v in fixed.items() if k in names}}
+            return None if x is None else _probe_feeds(model, image, x)
 
-    nodes = trunk_nodes(model, layers)
-    if not nodes:
-        raise OnnxcamError("int8: the layer is the model's input; there is no trunk to quantize")
+    # quantize_static moves its input's weights out to external-data files in place (data_location EXTERNAL,
+    # raw_data cleared): it gets a copy, or the caller's fused graph would be left pointing at deleted files.
+    model = onnx.load_from_string(model.SerializeToString())
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "int8.onnx")
         try:
@@ -336,7 +373,7 @@ def quantize_trunk(model: onnx.ModelProto, image: str, layers, samples: list) ->
                 # U8 activations, S8 per-channel weights: what onnxruntime's x86 int8 kernels (VNNI) take.
                 quantize_static(model, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                nodes_to_quantize=nodes)
+                                nodes_to_quantize=nodes or None)
         except Exception as exc:
             raise OnnxcamError(f"int8 quantization failed: {first_line(exc)}") from None
         finally:
@@ -497,13 +534,17 @@ def _head_options(options):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # The head's thread pool would otherwise spin after each run on the cores OpenVINO's next trunk run needs.
+    # The head's thread pool would otherwise spin after each run on the cores OpenVINO's next trunk run needs;
+    # and the head is a few percent of the work, which one thread runs faster than a pool wakes up (0.49 vs 0.65
+    # ms on EfficientNet-Lite0's).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.intra_op_num_threads = 1
     return so
 
 
-def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelProto, spec):
-    """(SplitSession, None), or (None, why the fused graph is not split)."""
+def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelProto, spec, samples=None):
+    """(SplitSession, None), or (None, why the fused graph is not split). int8 (`samples`: calibration inputs):
+    the trunk quantized (QDQ) and compiled by OpenVINO, which runs its convolutions in int8."""
     kind = methods.get_method(spec.method).kind
     if kind == "pixel":
         return None, "its gradient reaches the input, through the whole model"
@@ -522,8 +563,58 @@ def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelPr
         return None, f"the head's explain graph cannot be built: {first_line(exc)}"
     if [o.name for o in head.graph.output] != [o.name for o in model.graph.output]:
         return None, "the head's explain graph hands out other outputs than the whole one"
-    trunk = _openvino(cut.trunk, choice, options, "the trunk before the layer")
+    trunk_model = cut.trunk
+    if choice.precision == "int8":
+        trunk_model = quantize(cut.trunk, spec.image, samples or [])
+    trunk = _openvino(trunk_model, choice, options, "the trunk before the layer")
     return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors), None
+
+
+def time_sessions(sessions, feeds: dict, runs: int = 5) -> list[float]:
+    """The fastest of `runs` runs of each session on `feeds` (seconds), interleaved after a warm-up run each, so
+    that a busy moment of the machine falls on both and the fastest run shows what the session can do."""
+    import time
+
+    best = [float("inf")] * len(sessions)
+    for session in sessions:
+        session.run(None, feeds)
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def _faster_of(bf16_session, bf16: Choice, model, options, source, spec, samples):
+    """auto with calibration images: the bf16 split and the int8-trunk split on OpenVINO, timed on the first
+    calibration image; the faster is kept and the reason gives both times. Which wins depends on the model:
+    int8 convolutions (VNNI/AMX) beat bf16 on plain convolutions (ResNet), lose on depthwise ones."""
+    choice = replace(bf16, precision="int8", try_int8=False)
+    try:
+        session, why = _split(model, choice, options, source, spec, samples)
+    except OnnxcamError as exc:
+        session, why = None, first_line(exc)
+    if session is None:
+        return bf16_session, replace(bf16, reason=f"{bf16.reason} (int8 not tried: {why})")
+    feeds = _probe_feeds(model, spec.image, samples[0])
+    t_bf16, t_int8 = time_sessions([bf16_session, session], feeds)
+    times = f"{t_int8 * 1e3:.1f} ms per image with the int8 trunk against {t_bf16 * 1e3:.1f} ms with bf16"
+    if t_int8 < t_bf16:
+        units = ", ".join(f for f in INT8_FLAGS if f in (cpu_flags() or ()))
+        return session, replace(choice, engine="openvino+onnxruntime", reason=(
+            f"auto: int8 trunk on OpenVINO {openvino_version()} (calibration images given; the CPU has {units}; "
+            f"{times}); the head, gradient and CAM on onnxruntime fp32"))
+    return bf16_session, replace(bf16, reason=f"{bf16.reason} ({times})")
+
+
+def _probe_feeds(model: onnx.ModelProto, image: str, x: np.ndarray) -> dict:
+    """Feeds for one timing run of the fused graph: the image and each target input's neutral value."""
+    fixed = {build.TARGET: np.full(1, -1, np.int64), build.SIGN: np.ones(1, np.float32),
+             build.WEIGHTS: np.zeros((1, 1), np.float32), build.SELECT: np.zeros((1, 1), bool),
+             build.GROUP: np.zeros((1, 1), bool)}
+    names = {i.name for i in model.graph.input}
+    return {image: x, **{k: v for k, v in fixed.items() if k in names}}
 
 
 def _openvino(model: onnx.ModelProto, choice: Choice, options, what: str) -> OpenVINOSession:
@@ -552,8 +643,12 @@ def open_session(model: onnx.ModelProto, choice: Choice, options=None, image: st
     if source is not None and spec is not None:
         session, why = _split(model, choice, options, source, spec)
         if session is not None:
-            return session, replace(choice, engine="openvino+onnxruntime", reason=(
+            split = replace(choice, engine="openvino+onnxruntime", reason=(
                 f"{choice.reason}; the trunk up to the layer on OpenVINO, the head, gradient and CAM on "
                 f"onnxruntime fp32"))
+            if choice.try_int8:
+                return _faster_of(session, split, model, options, source, spec,
+                                  calibration_inputs(calibration, input_shape, metadata))
+            return session, split
     session = _openvino(model, choice, options, "the explain graph")
     return session, replace(choice, reason=f"{choice.reason}; the whole explain graph on OpenVINO ({why})")

@@ -129,12 +129,14 @@ def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = Non
         layer=None, method: str = "gradcam", log_level: str = "info", graceful_timeout: float = 30.0,
         device: str | None = None, limits: Limits | None = None, header_timeout: float = 10.0,
         keep_alive_timeout: float = 5.0, max_connections: int = 256, methods: Sequence[str] | None = None,
-        labels: Sequence[str] | None = None, preprocess_overrides: dict | None = None) -> None:
+        labels: Sequence[str] | None = None, preprocess_overrides: dict | None = None, precision: str | None = None,
+        calibration=None) -> None:
     """Serves `model` until SIGTERM/SIGINT; in-flight requests finish first (up to `graceful_timeout` s).
     `header_timeout`: seconds for a request's headers to arrive (else 408); `keep_alive_timeout`: an idle
     connection is closed after that long; `max_connections`: open connections (and running requests) beyond
     which requests get 503. `labels`, `preprocess_overrides` (preset, mean, std, size, layout): for a model that
-    carries no (or wrong) metadata."""
+    carries no (or wrong) metadata. `precision`, `calibration`: the served method's forward arithmetic
+    (onnxcam.run.precision; other methods a request names run in float32)."""
     serving_modules()
     import uvicorn
 
@@ -145,7 +147,10 @@ def run(model, host: str = "127.0.0.1", port: int = 8080, name: str | None = Non
     else:
         if isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
             raise OnnxcamError(f"model not found: {model}")
-        explainer = Explainer(model, layer=layer, method=method, device=device)
+        explainer = Explainer(model, layer=layer, method=method, device=device, precision=precision,
+                              calibration=calibration)
+        if precision is not None:
+            print(f"onnxcam: precision: {explainer.precision.reason}", file=sys.stderr, flush=True)
         if name is None and isinstance(model, (str, os.PathLike)):
             name = Path(model).stem
     if labels is not None or preprocess_overrides:
