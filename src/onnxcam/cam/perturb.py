@@ -183,10 +183,15 @@ def _batch_if_like_singles(run: Callable[[int, int], np.ndarray], stop: int) -> 
     return batched if bool(np.all(np.abs(np.asarray(batched[:2], np.float64) - singles) <= 1e-3 * scale)) else None
 
 
-def _explained(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+def explained(scores: np.ndarray, target: np.ndarray, softmax: bool = False) -> np.ndarray:
     """y = <W, score> of each perturbed input; W is one sample's target weights over the flattened score (a
-    one-hot for a class), so every target kind is scored the same way."""
-    return np.asarray(scores, np.float64) @ np.asarray(target, np.float64)
+    one-hot for a class), so every target kind is scored the same way. `softmax`: ReciproCAM and RISE score
+    *probabilities*, <W, softmax(score)>, for a classifier's logits (as both papers)."""
+    s = np.asarray(scores, np.float64)
+    if softmax:
+        s = np.exp(s - s.max(axis=1, keepdims=True))
+        s /= s.sum(axis=1, keepdims=True)
+    return s @ np.asarray(target, np.float64)
 
 
 def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: np.ndarray, channels: np.ndarray,
@@ -198,7 +203,7 @@ def scorecam_weights(session, image: np.ndarray, acts: np.ndarray, target: np.nd
         idx = channels[start:stop]
         feeds = {IMAGE: image, MASKS: np.ascontiguousarray(acts[idx], np.float32)}
         feeds.update({k: np.repeat(v, len(idx), axis=0) for k, v in extra_feeds.items()})
-        return _explained(session.run([SCORE], feeds)[0], target)
+        return explained(session.run([SCORE], feeds)[0], target)
 
     scores = _run_batches(len(channels), batch_size, run, progress, verdict)
     weights = np.zeros(acts.shape[0], np.float64)
@@ -227,7 +232,7 @@ def ablation_weights(session, acts: np.ndarray, original: float, target: np.ndar
         batch[np.arange(len(idx)), idx] = value
         feeds = {LAYER_IN: batch}
         feeds.update({k: np.repeat(v, len(idx), axis=0) for k, v in extra_feeds.items()})
-        return _explained(session.run([SCORE], feeds)[0], target)
+        return explained(session.run([SCORE], feeds)[0], target)
 
     scores = _run_batches(len(channels), batch_size, run, progress, verdict)
     weights = np.zeros(acts.shape[0], np.float64)
@@ -241,16 +246,6 @@ def ablation_weights(session, acts: np.ndarray, original: float, target: np.ndar
         return weights.astype(np.float32)
     weights[channels] = (original - scores) / original
     return weights.astype(np.float32)
-
-
-def explained(scores: np.ndarray, target: np.ndarray, softmax: bool) -> np.ndarray:
-    """y of each perturbed input for ReciproCAM and RISE, which score *probabilities*: <W, softmax(score)> for a
-    classifier's logits (as both papers), <W, score> for any other score (boxes, regions, probabilities)."""
-    s = np.asarray(scores, np.float64)
-    if softmax:
-        s = np.exp(s - s.max(axis=1, keepdims=True))
-        s /= s.sum(axis=1, keepdims=True)
-    return s @ np.asarray(target, np.float64)
 
 
 def reciprocam_map(session, acts: np.ndarray, target: np.ndarray, softmax: bool, batch_size: int,
