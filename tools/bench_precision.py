@@ -45,7 +45,9 @@ if str(REPO) not in sys.path:
 
 PHOTOS = [REPO / "models" / "cat.png", REPO / "models" / "cat_and_cup.png"]
 
-XAI_WORKER = r'''
+# The start of every OpenVINO XAI worker script (this one's, tools/compare_ovxai.py's): the compiled config from
+# argv, inputs sent as .npy files, and `serve(handlers)`, the request loop: one JSON line in, one out.
+WORKER_HEAD = r'''
 import json, sys, time
 import numpy as np
 import openvino as ov
@@ -53,7 +55,7 @@ import openvino_xai as xai
 
 core = ov.Core()
 config = json.loads(sys.argv[1])
-requests, inputs = {}, {}
+inputs = {}
 
 
 def reply(obj):
@@ -61,33 +63,46 @@ def reply(obj):
     sys.stdout.flush()
 
 
-for line in sys.stdin:
-    c = json.loads(line)
-    try:
-        if c["op"] == "load":
-            info = {}
-            for method in ("reciprocam", "activationmap"):
-                model = core.read_model(c["path"])
-                xm = xai.insert_xai(model, task=xai.Task.CLASSIFICATION,
-                                    explain_method=getattr(xai.Method, method.upper()))
-                compiled = core.compile_model(xm, "CPU", config)
-                requests[(c["key"], method)] = compiled.create_infer_request()
-                info[method] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-            reply({"ok": True, "info": info, "openvino": ov.__version__})
-        elif c["op"] == "input":
-            inputs[c["key"]] = np.load(c["path"])
-            reply({"ok": True})
-        elif c["op"] == "run":
-            req, x = requests[(c["key"], c["method"])], inputs[c["input"]]
-            t0 = time.perf_counter()
-            if c["method"] == "reciprocam":  # one image per call: the branch is built for batch 1
-                for i in range(len(x)):
-                    req.infer({0: x[i:i + 1]})
+def serve(handlers):
+    for line in sys.stdin:
+        c = json.loads(line)
+        try:
+            if c["op"] == "input":
+                inputs[c["key"]] = np.load(c["path"])
+                reply({"ok": True})
             else:
-                req.infer({0: x})
-            reply({"ok": True, "ms": (time.perf_counter() - t0) * 1e3})
-    except Exception as exc:
-        reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                reply({"ok": True, **handlers[c["op"]](c)})
+        except Exception as exc:
+            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+'''
+
+XAI_WORKER = WORKER_HEAD + r'''
+requests = {}
+
+
+def load(c):
+    info = {}
+    for method in ("reciprocam", "activationmap"):
+        model = core.read_model(c["path"])
+        xm = xai.insert_xai(model, task=xai.Task.CLASSIFICATION, explain_method=getattr(xai.Method, method.upper()))
+        compiled = core.compile_model(xm, "CPU", config)
+        requests[(c["key"], method)] = compiled.create_infer_request()
+        info[method] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return {"info": info, "openvino": ov.__version__}
+
+
+def run(c):
+    req, x = requests[(c["key"], c["method"])], inputs[c["input"]]
+    t0 = time.perf_counter()
+    if c["method"] == "reciprocam":  # one image per call: the branch is built for batch 1
+        for i in range(len(x)):
+            req.infer({0: x[i:i + 1]})
+    else:
+        req.infer({0: x})
+    return {"ms": (time.perf_counter() - t0) * 1e3}
+
+
+serve({"load": load, "run": run})
 '''
 
 

@@ -88,21 +88,10 @@ FORWARD_ORT, FORWARD_OV = "onnxruntime forward", "OpenVINO forward"
 MARK_START = "<!-- results:start (written by tools/compare_ovxai.py; do not edit by hand) -->"
 MARK_END = "<!-- results:end -->"
 
-WORKER = r'''
-import json, sys, time
-import numpy as np
-import openvino as ov
-import openvino_xai as xai
+WORKER = bp.WORKER_HEAD + r'''
 from openvino_xai.inserter.model_parser import IRParserCls, ModelType
 
-core = ov.Core()
-config = json.loads(sys.argv[1])
-runners, inputs = {}, {}
-
-
-def reply(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+runners = {}
 
 
 def softmax(z):
@@ -154,36 +143,33 @@ class BlackBoxRise:
         return sal, np.full(1, np.nan)
 
 
-for line in sys.stdin:
-    c = json.loads(line)
-    try:
-        if c["op"] == "load":
-            m = c["method"]
-            r = (BlackBoxRise(c["path"], **c["rise"]) if m == "rise" else WhiteBox(c["path"], m))
-            runners[(c["key"], m)] = r
-            reply({"ok": True, "precision": str(r.compiled.get_property("INFERENCE_PRECISION_HINT")),
-                   "layer": r.layer, "openvino": ov.__version__, "numpy": np.__version__,
-                   "openvino_xai": getattr(xai, "__version__", None) or __import__("importlib.metadata").metadata.version("openvino-xai")})
-        elif c["op"] == "input":
-            inputs[c["key"]] = np.load(c["path"])
-            reply({"ok": True})
-        elif c["op"] == "run":  # one image per call (batch 1), timed; maps and logits saved when "out" is given
-            run, x = runners[(c["key"], c["method"])], inputs[c["input"]]
-            targets = c.get("targets") or [0] * len(x)
-            maps, logits, ms = [], [], 0.0
-            for i in range(len(x)):
-                t0 = time.perf_counter()
-                sal, lg = run(x[i:i + 1], int(targets[i]))
-                ms += (time.perf_counter() - t0) * 1e3
-                if c.get("out"):
-                    maps.append(sal)
-                    logits.append(lg)
-            if c.get("out"):
-                np.save(c["out"] + ".maps.npy", np.stack(maps) if maps[0] is not None else np.zeros((len(x), 0)))
-                np.save(c["out"] + ".logits.npy", np.stack(logits).astype(np.float32))
-            reply({"ok": True, "ms": ms})
-    except Exception as exc:
-        reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+def load(c):
+    m = c["method"]
+    r = runners[(c["key"], m)] = BlackBoxRise(c["path"], **c["rise"]) if m == "rise" else WhiteBox(c["path"], m)
+    return {"precision": str(r.compiled.get_property("INFERENCE_PRECISION_HINT")), "layer": r.layer,
+            "openvino": ov.__version__, "numpy": np.__version__,
+            "openvino_xai": getattr(xai, "__version__", None)
+            or __import__("importlib.metadata").metadata.version("openvino-xai")}
+
+
+def run(c):  # one image per call (batch 1), timed; maps and logits saved when "out" is given
+    runner, x = runners[(c["key"], c["method"])], inputs[c["input"]]
+    targets = c.get("targets") or [0] * len(x)
+    maps, logits, ms = [], [], 0.0
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        sal, lg = runner(x[i:i + 1], int(targets[i]))
+        ms += (time.perf_counter() - t0) * 1e3
+        if c.get("out"):
+            maps.append(sal)
+            logits.append(lg)
+    if c.get("out"):
+        np.save(c["out"] + ".maps.npy", np.stack(maps) if maps[0] is not None else np.zeros((len(x), 0)))
+        np.save(c["out"] + ".logits.npy", np.stack(logits).astype(np.float32))
+    return {"ms": ms}
+
+
+serve({"load": load, "run": run})
 '''
 
 

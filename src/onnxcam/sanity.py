@@ -503,8 +503,7 @@ def _scorer(first: Explainer, source) -> Explainer:
     hundreds of perturbed forwards just to read them."""
     if first.method_info.kind != "perturbation":
         return first
-    layer = None if first.method == "rise" else list(first.layers)  # RISE's "layer" is the input
-    return Explainer(source, layer=layer, method="eigencam", providers=first.providers)
+    return Explainer(source, layer=_layers(first, None), method="eigencam", providers=first.providers)
 
 
 def parameter_randomization(model, images, methods: Sequence[str] = ("gradcam",), mode: str = "cascading",

@@ -770,6 +770,8 @@ class Explainer:
         needed = {x.name for x in session.get_inputs()}
         softmax = self.score_rank == 2 and not self.score_is_probability
         rows = 1 if self.batching.fixed else self.batch_size
+        if self.method == "reciprocam" and not self.batching.fixed:  # all positions in one run below 64 MB
+            rows = max(rows, min(int(np.prod(acts.shape[2:])), (64 << 20) // max(1, 4 * acts[0].size)))
         maps = []
         for s in range(acts.shape[0]):
             extra = {k: v[s:s + 1] for k, v in feeds.items() if k in needed and k != self.image_input}
@@ -780,9 +782,6 @@ class Explainer:
                 continue
             if self.image_input in needed:
                 extra[self.image_input] = feeds[self.image_input][s:s + 1]
-            positions = int(np.prod(acts.shape[2:]))
-            if not self.batching.fixed:  # all positions in one run where that stays below 64 MB
-                rows = max(rows, min(positions, (64 << 20) // max(1, 4 * acts[s].size)))
             maps.append(perturb.reciprocam_map(session, acts[s], weights[s], softmax, rows, extra, progress,
                                                self._verdict(session)))
         return np.float32(maps)
@@ -794,13 +793,16 @@ class Explainer:
         if self.method == "rise":
             return n * self.rise.masks
         if self.method == "reciprocam":
-            shapes = [ModelView(self._inferred).shape(name) for name in self.layers]
-            return n * sum(int(np.prod(layouts.spatial_dims(lay, s))) if s and all(
-                isinstance(d, int) for d in layouts.spatial_dims(lay, s)) else 0
-                for lay, s in zip(self.layer_layouts, shapes))
+            return n * sum(self._positions(i) for i in range(len(self.layers)))
         per = [len(channels) if channels is not None else None] * len(self.layers)
         sizes = [p if p is not None else self._channels(i) for i, p in enumerate(per)]
         return n * sum(sizes)
+
+    def _positions(self, i: int) -> int:
+        """Layer i's spatial positions where the model fixes them (0: unknown until it runs)."""
+        shape = ModelView(self._inferred).shape(self.layers[i])
+        dims = layouts.spatial_dims(self.layer_layouts[i], shape) if shape is not None else [None]
+        return int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 0
 
     def _channels(self, i: int) -> int:
         shape = ModelView(self._inferred).shape(self.layers[i])
