@@ -72,7 +72,8 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: Sequence[
     return sess.run(outputs, feeds)
 
 
-def vjp_model(model: onnx.ModelProto, wrt: Sequence[str], output: str = "y0", relu_mode: str = "grad"):
+def vjp_model(model: onnx.ModelProto, wrt: Sequence[str], output: str = "y0", relu_mode: str = "grad",
+              one_hot_seed: bool = False):
     """Copy of `model` with a `gy` input (cotangent of `output`) and one gradient output per `wrt`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -81,7 +82,7 @@ def vjp_model(model: onnx.ModelProto, wrt: Sequence[str], output: str = "y0", re
                                        [d.dim_value if d.HasField("dim_value") else d.dim_param
                                         for d in out_vi.type.tensor_type.shape.dim])
     m.graph.input.append(gy)
-    grads = gradient(m, of=output, wrt=list(wrt), seed="gy", relu_mode=relu_mode)
+    grads = gradient(m, of=output, wrt=list(wrt), seed="gy", relu_mode=relu_mode, one_hot_seed=one_hot_seed)
     types = {i.name: i.type for i in m.graph.input}
     for w in wrt:
         vi = m.graph.output.add()

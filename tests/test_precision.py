@@ -149,10 +149,12 @@ def test_bf16_runs_the_trunk_on_openvino_and_the_head_on_onnxruntime(fp32, bf16)
     trunk, head = e.session.stages
     assert trunk.get_providers() == ["OpenVINO-CPU-bf16"] and head.get_providers() == ["CPUExecutionProvider"]
     assert e.session.get_providers() == ["OpenVINO-CPU-bf16", "CPUExecutionProvider"]
-    # OpenVINO hands out the layer (and the head's flatten shape, read from the image), nothing after it
-    assert [p.name for p in trunk.get_outputs()] == ["onnxcam_cut_0", "onnxcam_cut_1"]
+    # OpenVINO hands out the layer, the head's flatten shape (read from the image) and the score: its forward
+    # runs the classifier too (score_from_trunk); the head reads the layer and the score, not the shape
+    assert [p.name for p in trunk.get_outputs()] == ["onnxcam_cut_0", "onnxcam_cut_1", "onnxcam_cut_2"]
+    assert e.session.score == e.score and "scores from OpenVINO" in e.precision.reason
     head_inputs = {i.name for i in head.get_inputs()}
-    assert set(e.layers) <= head_inputs
+    assert set(e.layers) <= head_inputs and e.score in head_inputs
     # the session offers the whole fused graph's interface: its inputs and its outputs, in its order
     assert [o.name for o in e.session.get_outputs()] == [o.name for o in ref_explainer.session.get_outputs()]
     assert {i.name for i in e.session.get_inputs()} == {i.name for i in ref_explainer.session.get_inputs()}
@@ -199,10 +201,10 @@ def test_bf16_falls_back_to_the_whole_graph_where_the_head_cannot_be_cut(fp32):
 def test_engine_failures_name_the_engine_in_one_line(fp32, bf16, monkeypatch):
     x = fp32[1][:1]
     e = bf16
-    trunk_run = e.session.trunk.run
+    trunk_run = e.session.trunk.run_views
     # An image OpenVINO's compiled trunk cannot take (the model fixes 224x224): OpenVINO's own error
-    monkeypatch.setattr(e.session.trunk, "run", lambda names, feeds, *a: trunk_run(
-        names, {**feeds, e.image_input: feeds[e.image_input][..., :97, :97]}))
+    monkeypatch.setattr(e.session.trunk, "run_views", lambda feeds: trunk_run(
+        {**feeds, e.image_input: feeds[e.image_input][..., :97, :97]}))
     with pytest.raises(OnnxcamError, match="^OpenVINO failed: ") as info:
         e.explain(x)
     assert "\n" not in str(info.value)
@@ -296,23 +298,25 @@ needs_openvino_int8 = pytest.mark.skipif(precisions.openvino_version() is None o
 
 
 @needs_openvino_int8
-@pytest.mark.parametrize("faster", ["int8", "bf16"])
+@pytest.mark.parametrize("faster", ["int8", "bf16", "near tie"])
 def test_auto_with_calibration_keeps_the_faster_trunk(fp32, monkeypatch, faster):
     """The choice between the int8 trunk and bf16 is a timing (which wins depends on the model): forced here both
-    ways; the int8 trunk really runs in int8 on OpenVINO and stays within docs/precision.md's int8 tolerance."""
+    ways; the int8 trunk really runs in int8 on OpenVINO and stays within docs/precision.md's int8 tolerance.
+    int8 less than 10% faster is a tie, which bf16 (the more accurate) keeps."""
     _, x, ref = fp32
     seen = []
 
     def fake_times(sessions, feeds, runs=5):
         seen.append([s.get_providers()[0] for s in sessions])
-        return [0.002, 0.001] if faster == "int8" else [0.001, 0.002]
+        return {"int8": [0.002, 0.001], "bf16": [0.001, 0.002], "near tie": [0.00105, 0.00100]}[faster]
 
     monkeypatch.setattr(precisions, "time_sessions", fake_times)
     cal = list(np.concatenate([x[..., ::-1], np.roll(x, 40, axis=-1), x * 0.8]))
     e = Explainer(str(MODEL), precision="auto", calibration=cal)
     assert seen == [["OpenVINO-CPU-bf16", "OpenVINO-CPU-int8"]]
-    assert e.precision.precision == faster and e.provider == f"OpenVINO-CPU-{faster}"
-    assert "1.0 ms" in e.precision.reason and "2.0 ms" in e.precision.reason
+    kept = "bf16" if faster == "near tie" else faster
+    assert e.precision.precision == kept and e.provider == f"OpenVINO-CPU-{kept}"
+    assert "1.0 ms" in e.precision.reason and ("2.0 ms" if faster != "near tie" else "1.1 ms") in e.precision.reason
     used, total = e.session.heavy_layers
     assert total > 0 and used == total
     got = e.explain(x)
@@ -323,17 +327,127 @@ def test_auto_with_calibration_keeps_the_faster_trunk(fp32, monkeypatch, faster)
 
 @needs_openvino_bf16
 def test_openvino_compiles_the_shapes_it_sees_statically(fp32, bf16):
-    """The first shapes run on a statically compiled copy (faster on OpenVINO): the same numbers as the dynamic
-    model; a dim the model fixes is never changed by it (a wrong one still fails in OpenVINO)."""
+    """The first shapes run on a statically compiled copy (faster on OpenVINO): as close to the fp32 trunk
+    (onnxruntime on the same graph) as the dynamic model is. (Not equal to it: OpenVINO fuses a trunk that runs
+    the whole forward differently when the shape is static; each differs from fp32 by 4-7% rel L2 in the layer,
+    bf16's own error.) A dim the model fixes is never changed by it (a wrong one still fails in OpenVINO)."""
+    import onnxruntime as ort
+
     _, x, _ = fp32
     trunk = bf16.session.trunk
+    reference = ort.InferenceSession(trunk._bytes, providers=["CPUExecutionProvider"])
     for xb in (x[:1], x):
         feeds = {bf16.image_input: xb}
+        want = reference.run(None, feeds)
         got = trunk.run(None, feeds)
         request = trunk._compiled.create_infer_request()
         request.infer(feeds)
         for i, value in enumerate(got):
-            np.testing.assert_allclose(value, request.get_output_tensor(i).data, rtol=1e-5, atol=1e-5)
+            dynamic = request.get_output_tensor(i).data
+            if value.dtype.kind != "f":
+                np.testing.assert_array_equal(value, dynamic)
+                continue
+            err = [float(np.linalg.norm(v - want[i]) / np.linalg.norm(want[i])) for v in (value, dynamic)]
+            assert err[0] < 0.1 and err[0] < 1.25 * err[1], (i, err)
     assert sum(v is not None for v in trunk._static.values()) >= 2
     with pytest.raises(precisions.EngineError, match="^OpenVINO failed: "):
         trunk.run(None, {bf16.image_input: x[:1, :, :97, :97]})
+
+
+def _conv_model(head: str):
+    """image (N, 3, 8, 8) -> Conv -> Relu (the layer) -> a head: "linear" GAP, Flatten, Gemm to 300 classes;
+    "conv" a 1x1 Conv to 64 channels, Relu, GAP, Flatten, Gemm to 10 classes (most of its work is the Conv,
+    whose output the ReLU's backward needs)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    nodes = [helper.make_node("Conv", ["image", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["layer"])]
+    inits = [w("w0", 4, 3, 3, 3), w("b0", 4)]
+    last, k = "layer", 4
+    if head == "conv":
+        nodes += [helper.make_node("Conv", ["layer", "w1"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"])]
+        inits.append(w("w1", 64, 4, 1, 1))
+        last, k = "r1", 64
+    classes = 300 if head == "linear" else 10
+    nodes += [helper.make_node("GlobalAveragePool", [last], ["pool"]),
+              helper.make_node("Flatten", ["pool"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc", "fc_b"], ["logits"], transB=1)]
+    inits += [w("fc", classes, k), w("fc_b", classes)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return infer_shapes(model)
+
+
+def test_score_from_trunk_leaves_out_the_classifier_and_keeps_the_gradient():
+    """A head that is mostly the last matrix product reads the score from the trunk: the fused graph no longer
+    computes it, and on the same activations and score every output is the unsplit head's (the backward never
+    needed that product); a different score fed in is what the scores and the target follow."""
+    import onnxruntime as ort
+
+    from onnxcam.cam import build
+
+    model = _conv_model("linear")
+    spec = build.Spec(image="image", layers=("layer",), score="logits")
+    cut = precisions.cut_at_layers(model, spec.layers, spec.score, spec.image)
+    head = build.build_explain_graph(cut.head, spec)
+    fed = precisions.score_from_trunk(head, cut.head, spec.score)
+    assert fed is not None and "logits" in {i.name for i in fed.graph.input}
+    assert not [n for n in fed.graph.node if n.op_type == "Gemm" and n.input[0] == "flat"]  # no forward product
+    with_score = precisions.cut_at_layers(model, spec.layers, spec.score, spec.image, with_score=True)
+    assert with_score.tensors == ("layer", "logits")
+
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    layer, logits = ort.InferenceSession(with_score.trunk.SerializeToString()).run(None, {"image": x})
+    feeds = precisions._probe_feeds(head, "image", x[:1])
+    feeds = {**{k: np.repeat(v, 3, 0) if k == build.TARGET else v for k, v in feeds.items()}, "layer": layer}
+    whole = ort.InferenceSession(head.SerializeToString())
+    split = ort.InferenceSession(fed.SerializeToString())
+    want = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, {**feeds, "image": x})))
+    got = dict(zip([o.name for o in split.get_outputs()],
+                   split.run(None, {**{k: v for k, v in feeds.items() if k in {i.name for i in split.get_inputs()}},
+                                    "logits": logits})))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    moved = logits.copy()
+    moved[:, 7] += 100.0
+    other = split.run([build.SCORES, build.TARGETS], {**{k: v for k, v in feeds.items()
+                                                        if k in {i.name for i in split.get_inputs()}},
+                                                     "logits": moved})
+    np.testing.assert_array_equal(other[0], moved)
+    assert (other[1] == 7).all()
+
+
+@needs_openvino_bf16
+def test_split_results_survive_the_next_run(fp32, bf16):
+    # The head reads the trunk's outputs in OpenVINO's own buffers (no copy), which the next run overwrites:
+    # nothing handed to the caller may still point into them.
+    _, x, _ = fp32
+    first = bf16.session.run(None, precisions._probe_feeds(bf16.model, bf16.image_input, x[:1]))
+    kept = [np.array(v, copy=True) for v in first]
+    bf16.session.run(None, precisions._probe_feeds(bf16.model, bf16.image_input, x[1:]))
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)
+    r = bf16.explain(x[:1])
+    scores, heat = r.scores.copy(), r.heatmaps.copy()
+    other = bf16.explain(x[1:])
+    assert not np.array_equal(other.scores, scores)
+    np.testing.assert_array_equal(r.scores, scores)
+    np.testing.assert_array_equal(r.heatmaps, heat)
+
+
+def test_score_from_trunk_not_where_the_backward_needs_the_head():
+    # The 1x1 Conv's output is needed by its ReLU's backward: only the small classifier could be left out.
+    from onnxcam.cam import build
+
+    model = _conv_model("conv")
+    spec = build.Spec(image="image", layers=("layer",), score="logits")
+    cut = precisions.cut_at_layers(model, spec.layers, spec.score, spec.image)
+    assert precisions.score_from_trunk(build.build_explain_graph(cut.head, spec), cut.head, spec.score) is None

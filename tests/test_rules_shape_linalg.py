@@ -488,3 +488,86 @@ def test_attention_like_chain():
 def test_gather_nd(indices):
     data = np.random.default_rng(7).standard_normal((3, 4, 5))
     check_vjp("GatherND", {"data": data, "indices": indices}, wrt=["data"], opset=18)
+
+
+# A class target's seed holds one nonzero per row: Gemm / MatMul then gather the weight's rows it selects (an
+# If on the seed, linalg.one_hot_product) instead of reading the whole matrix. Both branches against numpy.
+def _seed_product(op, attrs, a, b, gy, opset, monkeypatch, dynamic=None, one_hot_seed=True):
+    from onnxcam.autodiff.rules import linalg
+
+    monkeypatch.setattr(linalg, "ONE_HOT_MIN_ELEMENTS", 0)
+    model = single_node_model(op, {"a": a, "b": b}, ["a"], attrs, opset=opset, dynamic=dynamic)
+    gmodel, (name,) = vjp_model(model, ["a"], one_hot_seed=one_hot_seed)
+    branched = any(n.op_type == "If" for n in gmodel.graph.node)
+    return run(gmodel, {"a": a, "gy": gy}, [name])[0], branched
+
+
+def _seeds(n, k, rng):
+    one_hot = np.zeros((n, k))
+    one_hot[np.arange(n), rng.integers(0, k, n)] = rng.standard_normal(n)  # any value, either sign
+    one_hot[-1] = 0.0  # a row with no target at all
+    dense = rng.standard_normal((n, k))
+    two = one_hot.copy()
+    two[0, :2] = [1.0, -2.0]  # one row with two classes: the whole product
+    return {"one-hot": one_hot, "dense": dense, "two in a row": two}
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("tb", [0, 1])
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_gemm_one_hot_seed_gathers_rows(opset, tb, alpha, monkeypatch):
+    rng = np.random.default_rng(3)
+    a, w = rnd(4, 6, seed=1), rnd(5, 6, seed=2)  # op(B) = w^T: (6, 5)
+    b = w if tb else np.ascontiguousarray(w.T)
+    for label, gy in _seeds(4, 5, rng).items():
+        got, branched = _seed_product("Gemm", {"transB": tb, "alpha": alpha}, a, b, gy, opset, monkeypatch,
+                                      dynamic={"a": {0: "N"}})
+        assert branched
+        # alpha is a float32 attribute: the forward and both branches use that value
+        np.testing.assert_allclose(got, float(np.float32(alpha)) * gy @ w, rtol=1e-12, atol=1e-12, err_msg=label)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_matmul_one_hot_seed_gathers_rows(opset, monkeypatch):
+    rng = np.random.default_rng(4)
+    a, b = rnd(3, 6, seed=5), rnd(6, 7, seed=6)
+    for label, gy in _seeds(3, 7, rng).items():
+        got, branched = _seed_product("MatMul", {}, a, b, gy, opset, monkeypatch, dynamic={"a": {0: "N"}})
+        assert branched
+        np.testing.assert_allclose(got, gy @ b.T, rtol=1e-12, atol=1e-12, err_msg=label)
+    f32, _ = _seed_product("MatMul", {}, a.astype(np.float32), b.astype(np.float32),
+                           _seeds(3, 7, rng)["one-hot"].astype(np.float32), 17, monkeypatch)
+    assert f32.dtype == np.float32
+
+
+def test_one_hot_seed_branch_only_where_it_pays(monkeypatch):
+    from onnxcam.autodiff.rules import linalg
+
+    a, b = rnd(2, 6), rnd(6, 7)
+    gy = np.eye(2, 7)
+    # not the seed (an ordinary cotangent), a batched MatMul, an old opset: the plain product
+    for op_args in [dict(one_hot_seed=False), dict(opset=10)]:
+        _, branched = _seed_product("MatMul", {}, a, b, gy, op_args.get("opset", 17), monkeypatch,
+                                    one_hot_seed=op_args.get("one_hot_seed", True))
+        assert not branched
+    _, branched = _seed_product("MatMul", {}, rnd(3, 2, 6), b, np.zeros((3, 2, 7)), 17, monkeypatch)
+    assert not branched
+    # a small matrix: cheaper to multiply whole than to check the seed
+    monkeypatch.undo()
+    model = single_node_model("MatMul", {"a": a, "b": b}, ["a"], {})
+    gmodel, _ = vjp_model(model, ["a"], one_hot_seed=True)
+    assert b.size < linalg.ONE_HOT_MIN_ELEMENTS and not any(n.op_type == "If" for n in gmodel.graph.node)
+
+
+def test_one_hot_seed_reads_only_the_selected_rows(monkeypatch):
+    # Proof that the gather branch is the one that runs: a weight row no target selects holds inf, which the
+    # whole product would spread to every row (0 * inf = nan); the selected rows' gradient is still exact.
+    a, w = rnd(2, 6, seed=8), rnd(5, 6, seed=9)
+    w[4] = np.inf
+    gy = np.zeros((2, 5))
+    gy[0, 1], gy[1, 3] = 2.0, -1.0
+    got, _ = _seed_product("Gemm", {"transB": 1}, a, w, gy, 17, monkeypatch)
+    np.testing.assert_allclose(got, np.stack([2.0 * w[1], -w[3]]), rtol=1e-12)
+    gy[1, 0] = 1.0  # two classes in a row: the whole product
+    dense, _ = _seed_product("Gemm", {"transB": 1}, a, w, gy, 17, monkeypatch)
+    assert np.isnan(dense).all()

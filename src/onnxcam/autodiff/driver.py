@@ -54,7 +54,7 @@ def active_tensors(view: ModelView, of: str, wrt: Sequence[str]) -> set[str]:
 
 def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
              emit: Emitter | None = None, relu_mode: str = "grad",
-             relu_ops: Collection[str] | None = None) -> dict[str, str]:
+             relu_ops: Collection[str] | None = None, one_hot_seed: bool = False) -> dict[str, str]:
     """Appends to `model` the nodes computing d<seed, of>/d(wrt); returns {wrt name: gradient name}.
 
     `relu_mode` ("guided", "deconvnet") changes the backward of the ReLU-family ops named in `relu_ops`
@@ -62,6 +62,8 @@ def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
 
     `seed` must already be a tensor of the graph (an input, or built by the caller in `emit`) with the
     shape of `of`. The forward graph may gain optional outputs on existing nodes (MaxPool Indices).
+    `one_hot_seed`: the seed often holds one nonzero per row (a class target); the nodes it reaches unchanged
+    are told so (Context.seed_rows), and may check it at run time to skip work (never assume it).
     """
     view = ModelView(model)
     own_emitter = emit is None
@@ -104,7 +106,8 @@ def gradient(model: onnx.ModelProto, of: str, wrt: Sequence[str], seed: str,
                 f"no gradient rule for op '{node.op_type}' ({node_label(node)}) on the path from the "
                 f"score to the layer; supported ops: see `onnxcam ops`{NO_GRADIENTS}")
         mode = relu_mode if relu_ops is None or node.op_type in relu_ops else "grad"
-        ctx = Context(view=view, emit=emit, node=node, needs=needs, relu_mode=mode)
+        ctx = Context(view=view, emit=emit, node=node, needs=needs, relu_mode=mode,
+                      seed_rows=one_hot_seed and len(gy) == 1 and gy[0] == seed)
         try:
             gx = rule(ctx, gy)
         except OnnxcamError:

@@ -222,7 +222,7 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
     else:
         grads = {}
         if method.needs_gradients:
-            grads = gradient(model, of=spec.score, wrt=list(spec.layers), seed=seed, emit=emit)
+            grads = gradient(model, of=spec.score, wrt=list(spec.layers), seed=seed, emit=emit, one_hot_seed=True)
         cams = []
         for i, layer in enumerate(spec.layers):
             # The same relabelling of activations and gradients: exactly the channels-first view's gradient.
@@ -251,7 +251,7 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
             output(_combine(emit, cams, ranks, size, image_rank), HEATMAPS, f32, image_dims)
         if method.kind == "pixel":
             guided = gradient(model, of=spec.score, wrt=[spec.image], seed=seed, emit=emit,
-                              relu_mode=method.relu_mode, relu_ops=spec.guided_ops)[spec.image]
+                              relu_mode=method.relu_mode, relu_ops=spec.guided_ops, one_hot_seed=True)[spec.image]
             guided = _as_float(emit, view, guided, spec.image)
             in_shape = ["N", *[f"D{d}" for d in range(image_rank - 1)]]
             output(guided, GUIDED, f32, in_shape)

@@ -449,6 +449,21 @@ class Emitter:
     def scalar(self, value: float, dtype: np.dtype, hint: str = "scalar") -> str:
         return self.const(np.asarray(value, dtype=dtype), hint=hint)
 
+    def if_else(self, cond: str, then_fn, else_fn, elem_type: int, hint: str = "branch") -> str:
+        """An If node: `then_fn(emitter)` / `else_fn(emitter)` emit each branch's nodes and return its result
+        (of `elem_type`). The branches read outer-scope tensors by name; their constants go to the outer
+        graph, and names stay fresh across both."""
+        graphs = []
+        for fn, label in ((then_fn, "then"), (else_fn, "else")):
+            # `taken` is shared: the branch's names stay fresh in the whole graph.
+            branch = Emitter(opset=self.opset, taken=self.taken, prefix=self.prefix, initializers=self.initializers)
+            result = fn(branch)
+            if not any(result in n.output for n in branch.nodes):  # a branch output must be made in the branch
+                result = branch.op("Identity", [result])
+            graphs.append(helper.make_graph(branch.nodes, self.fresh(label),
+                                            [], [helper.make_tensor_value_info(result, elem_type, None)]))
+        return self.op("If", [cond], hint=hint, then_branch=graphs[0], else_branch=graphs[1])
+
     def commit(self, model: onnx.ModelProto) -> None:
         model.graph.node.extend(self.nodes)
         model.graph.initializer.extend(self.initializers)

@@ -901,7 +901,9 @@ def flag_empty(r: Explanation, outs: dict, layers: Sequence[str], quiet=()) -> N
     n = r.maps.shape[0]
     r.empty = np.asarray(r.maps).reshape(n, -1).max(axis=1) <= 0 if r.maps.size else np.ones(n, bool)
     if all(p is not None for p in peaks):
-        r.zero_gradient = np.all([np.asarray(p) == 0 for p in peaks], axis=0)
+        r.zero_gradient = np.asarray(peaks[0]) == 0
+        for p in peaks[1:]:
+            r.zero_gradient &= np.asarray(p) == 0
     for s in range(n):
         if s in quiet:
             continue

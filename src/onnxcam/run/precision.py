@@ -265,6 +265,15 @@ class OpenVINOSession:
             return self._static.get(key) or self._compiled
 
     def run(self, output_names, feeds, run_options=None) -> list:
+        # The request owns its output buffers and overwrites them on its next run: copies leave with the caller.
+        values = [np.array(v, copy=True) for v in self.run_views(feeds)]
+        if output_names is None:
+            return values
+        return [values[self._output_index[n]] for n in output_names]
+
+    def run_views(self, feeds) -> list:
+        """All outputs as views of the infer request's own buffers, valid until this thread's next run (the
+        split's head reads them at once: no copy of the layer's activations per run)."""
         wanted = {p.name for p in self._inputs}
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in wanted}
         compiled = self._for_shapes(feeds)
@@ -275,14 +284,12 @@ class OpenVINOSession:
         if request is None:
             request = requests[id(compiled)] = compiled.create_infer_request()
         try:
-            request.infer(feeds)
+            # Shared both ways: OpenVINO reads the caller's arrays and hands out its own buffers, instead of
+            # copying each in and out (0.3 ms of EfficientNet-Lite0's 3 ms trunk at batch 1).
+            request.infer(feeds, share_inputs=True, share_outputs=True)
         except Exception as exc:
             raise EngineError(f"OpenVINO failed: {first_line(exc)}") from None
-        # The request owns its output buffers and overwrites them on its next run: copies leave with the caller.
-        values = [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self._outputs))]
-        if output_names is None:
-            return values
-        return [values[self._output_index[n]] for n in output_names]
+        return [request.get_output_tensor(i).data for i in range(len(self._outputs))]
 
     def io_binding(self):
         raise OnnxcamError(f"explain_bound needs an onnxruntime session; precision {self.precision} runs on "
@@ -393,8 +400,8 @@ _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class Cut:
     trunk: onnx.ModelProto  # the model's inputs -> `onnxcam_cut_j` = tensors[j]
-    head: onnx.ModelProto  # the head alone: tensors (and the model's inputs it reads) -> the score
-    tensors: tuple  # what the head reads from the trunk: the layers, then any other tensor it needs
+    head: onnx.ModelProto  # the head alone: the layers and extra tensors (and the model's inputs) -> the score
+    tensors: tuple  # what the trunk hands the head: the layers, any other tensor it needs, [the score]
     head_share: float  # of the forward's multiply-adds (those whose shapes are known)
 
 
@@ -416,12 +423,13 @@ def _macs(view: ModelView, node: onnx.NodeProto) -> int:
     return int(np.prod(out[1:])) * k
 
 
-def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str) -> Cut:
+def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str, with_score: bool = False) -> Cut:
     """The (shape-inferred) model cut at the layers into the trunk before them and the head after them, as
     onnxcam.cam.build.repeat_layers finds the head: the nodes downstream of the layers that the score needs.
     Whatever else the head reads and is computed from the inputs (a skip connection, a shape read from the
-    image) the trunk hands out too; what is computed from constants alone goes with the head. OnnxcamError
-    (the reason) where the model cannot be cut there."""
+    image) the trunk hands out too; what is computed from constants alone goes with the head. `with_score`:
+    the trunk runs the whole forward and hands out the score last (score_from_trunk). OnnxcamError (the
+    reason) where the model cannot be cut there."""
     view = ModelView(model)
     inputs = set(view.graph_inputs)
     if any(layer in inputs for layer in layers):
@@ -466,6 +474,8 @@ def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str) -> Cut
     del g.value_info[:]
     g.value_info.extend(infos)
 
+    if with_score:
+        tensors = (*tensors, score)
     trunk = onnx.ModelProto()
     trunk.CopyFrom(model)
     outs = [f"{CUT}{j}" for j in range(len(tensors))]
@@ -479,22 +489,52 @@ def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str) -> Cut
     return Cut(trunk, head_model, tensors, share)
 
 
+def score_from_trunk(explain: onnx.ModelProto, head: onnx.ModelProto, score: str) -> onnx.ModelProto | None:
+    """The head's explain graph `explain` reading the score as an input (the trunk's, cut_at_layers with_score)
+    instead of computing it, where that leaves out at least half of the head's multiply-adds: a classifier's
+    last matrix, which fp32 here reads whole from memory per run (5 MB for EfficientNet-Lite0's 1000 x 1280,
+    a third of the head's time) and the trunk's engine reads in bf16 with its other weights. The backward
+    does not need that product (a matrix product's input gradient reads the seed and the weight), so the
+    gradient still runs through the head's fp32 weights; the scores, the target they pick and y are the
+    trunk engine's, as its own forward gives them. None where too little would be left out."""
+    view = ModelView(head)
+    total = sum(_macs(view, n) for n in head.graph.node)
+    rewired = onnx.ModelProto()
+    rewired.CopyFrom(explain)
+    g = rewired.graph
+    producer = next((n for n in g.node if score in n.output), None)
+    if not total or producer is None:
+        return None
+    taken = {o for n in g.node for o in n.output}
+    unused = next(f"{score}_recomputed{i}" for i in range(len(taken) + 1) if f"{score}_recomputed{i}" not in taken)
+    producer.output[list(producer.output).index(score)] = unused
+    g.input.append(value_info(score, view.elem_type(score), view.shape(score)))
+    prune(rewired, [o.name for o in g.output])
+    left = {o for n in g.node for o in n.output}
+    saved = sum(_macs(view, n) for n in head.graph.node if not any(o in left for o in n.output if o))
+    return rewired if saved * 2 >= total else None
+
+
 class SplitSession:
     """The fused graph run in two stages behind the session interface the Explainer uses (run(None | names,
     feeds) -> the fused graph's outputs, get_inputs/get_outputs/get_providers): `trunk` (OpenVINOSession)
     computes the tensors the head reads; `head` (onnxruntime) is the fused explain graph of the head alone, with
     the same outputs as the whole one. Shareable across threads as both stages are."""
 
-    def __init__(self, trunk: OpenVINOSession, head, tensors):
+    def __init__(self, trunk: OpenVINOSession, head, tensors, score: str | None = None):
         self.trunk, self.head = trunk, head
         self.stages = (trunk, head)
+        self.score = score  # the score's name where the trunk computes it (score_from_trunk), else None
         self.precision = trunk.precision
         self.heavy_layers = trunk.heavy_layers  # of the trunk: the head is fp32 by design
         names = {p.name for p in trunk.get_outputs()}
-        self._cut = [(f"{CUT}{j}", t) for j, t in enumerate(tensors)]
-        missing = [c for c, _ in self._cut if c not in names]
+        cut = [(f"{CUT}{j}", t) for j, t in enumerate(tensors)]
+        missing = [c for c, _ in cut if c not in names]
         if missing:
             raise OnnxcamError(f"OpenVINO's trunk does not hand out '{missing[0]}'")
+        # Only what the head reads: one fed the score no longer needs what the score was computed from.
+        reads = {i.name for i in head.get_inputs()}
+        self._cut = [(c, t) for c, t in cut if t in reads]
         cut = set(tensors)
         head_inputs = [i for i in head.get_inputs() if i.name not in cut]
         self._head_inputs = {i.name for i in head_inputs}
@@ -514,7 +554,7 @@ class SplitSession:
 
     def run(self, output_names, feeds, run_options=None) -> list:
         ports = self.trunk.get_outputs()
-        acts = dict(zip((p.name for p in ports), self.trunk.run(None, feeds)))
+        acts = dict(zip((p.name for p in ports), self.trunk.run_views(feeds)))
         head_feeds = {k: v for k, v in feeds.items() if k in self._head_inputs}
         head_feeds.update({t: acts[c] for c, t in self._cut})
         try:
@@ -533,7 +573,9 @@ def _head_options(options):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Not ORT_ENABLE_ALL: its NCHWc layout reorders the head's few small tensors back and forth, which costs
+    # more than it saves (0.66 vs 0.71 ms for EfficientNet-Lite0's head after its trunk).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     # The head's thread pool would otherwise spin after each run on the cores OpenVINO's next trunk run needs;
     # and the head is a few percent of the work, which one thread runs faster than a pool wakes up (0.49 vs 0.65
     # ms on EfficientNet-Lite0's).
@@ -564,10 +606,16 @@ def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelPr
     if [o.name for o in head.graph.output] != [o.name for o in model.graph.output]:
         return None, "the head's explain graph hands out other outputs than the whole one"
     trunk_model = cut.trunk
-    if choice.precision == "int8":
+    if choice.precision == "int8":  # quantize_static would quantize the score's matrix too: kept in fp32 here
         trunk_model = quantize(cut.trunk, spec.image, samples or [])
+    else:
+        fed = score_from_trunk(head, cut.head, spec.score)
+        if fed is not None:
+            cut = cut_at_layers(source, spec.layers, spec.score, spec.image, with_score=True)
+            head, trunk_model = fed, cut.trunk
     trunk = _openvino(trunk_model, choice, options, "the trunk before the layer")
-    return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors), None
+    return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors,
+                        spec.score if spec.score in cut.tensors else None), None
 
 
 def time_sessions(sessions, feeds: dict, runs: int = 5) -> list[float]:
@@ -586,10 +634,15 @@ def time_sessions(sessions, feeds: dict, runs: int = 5) -> list[float]:
     return best
 
 
+INT8_MARGIN = 0.1
+
+
 def _faster_of(bf16_session, bf16: Choice, model, options, source, spec, samples):
     """auto with calibration images: the bf16 split and the int8-trunk split on OpenVINO, timed on the first
     calibration image; the faster is kept and the reason gives both times. Which wins depends on the model:
-    int8 convolutions (VNNI/AMX) beat bf16 on plain convolutions (ResNet), lose on depthwise ones."""
+    int8 convolutions (VNNI/AMX) beat bf16 on plain convolutions (ResNet), lose on depthwise ones. int8 must win
+    by INT8_MARGIN: it moves the maps several times more than bf16, and a near tie is the machine's noise (a
+    timing on a busy machine once picked int8 for EfficientNet-Lite0, which is 15% slower there)."""
     choice = replace(bf16, precision="int8", try_int8=False)
     try:
         session, why = _split(model, choice, options, source, spec, samples)
@@ -600,7 +653,7 @@ def _faster_of(bf16_session, bf16: Choice, model, options, source, spec, samples
     feeds = _probe_feeds(model, spec.image, samples[0])
     t_bf16, t_int8 = time_sessions([bf16_session, session], feeds)
     times = f"{t_int8 * 1e3:.1f} ms per image with the int8 trunk against {t_bf16 * 1e3:.1f} ms with bf16"
-    if t_int8 < t_bf16:
+    if t_int8 < t_bf16 * (1 - INT8_MARGIN):
         units = ", ".join(f for f in INT8_FLAGS if f in (cpu_flags() or ()))
         return session, replace(choice, engine="openvino+onnxruntime", reason=(
             f"auto: int8 trunk on OpenVINO {openvino_version()} (calibration images given; the CPU has {units}; "
@@ -645,7 +698,8 @@ def open_session(model: onnx.ModelProto, choice: Choice, options=None, image: st
         if session is not None:
             split = replace(choice, engine="openvino+onnxruntime", reason=(
                 f"{choice.reason}; the trunk up to the layer on OpenVINO, the head, gradient and CAM on "
-                f"onnxruntime fp32"))
+                f"onnxruntime fp32" + ("" if session.score is None else
+                                      " (the scores from OpenVINO's forward, which runs the whole model)")))
             if choice.try_int8:
                 return _faster_of(session, split, model, options, source, spec,
                                   calibration_inputs(calibration, input_shape, metadata))

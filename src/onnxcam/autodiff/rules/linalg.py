@@ -2,9 +2,45 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from .registry import Context, _unbroadcast_axes, _unbroadcast_dynamic, register
 from .shape import const_ints, no_grads, norm_axis, static_dim
+
+
+# Matrices below this many elements are multiplied whole: reading them costs less than the one-hot check.
+ONE_HOT_MIN_ELEMENTS = 1 << 16
+
+
+def one_hot_product(ctx: Context, g: str, matrix: str, axis: int, alpha: float, dense) -> str:
+    """alpha * g @ R, R the rows of `matrix` along `axis` (0: R = matrix, 1: R = matrix^T), for the seed `g`
+    (N, K), the cotangent of the node's 2-D output. Where every row of g holds at most one nonzero (a class target) that is those rows of R times it:
+    a Gather of N rows instead of a pass over the whole matrix (a classifier's last layer: 5 MB for
+    1000 x 1280, read twice per explanation otherwise). Checked at run time (an If); any other seed takes
+    `dense(emitter)`, the plain product. Exact either way: the dense sum adds only zeros to that product."""
+    emit = ctx.emit
+    shape = ctx.shape(matrix)
+    if (not ctx.seed_rows or emit.opset < 11 or shape is None or len(shape) != 2
+            or not all(isinstance(d, int) for d in shape) or shape[0] * shape[1] < ONE_HOT_MIN_ELEMENTS):
+        return dense(emit)
+    int64 = onnx.TensorProto.INT64
+    nonzero = emit.op("Cast", [emit.op("Cast", [g], to=onnx.TensorProto.BOOL)], to=int64)
+    per_row = emit.reduce("ReduceSum", nonzero, [1], keepdims=0)
+    # ReduceMax of no rows would be the smallest int64: an empty batch takes the (empty) gather, correctly.
+    one_hot = emit.op("Less", [emit.reduce("ReduceMax", per_row, None, keepdims=0),
+                               emit.const(np.array(2, np.int64), hint="two")], hint="one_hot")
+
+    def gather(branch):
+        at = branch.op("ArgMax", [branch.op("Abs", [g])], axis=1, keepdims=1)
+        value = branch.op("GatherElements", [g, at], axis=1)
+        if alpha != 1.0:
+            value = branch.op("Mul", [value, branch.scalar(alpha, ctx.dtype(ctx.output(0)))])
+        rows = branch.op("Gather", [matrix, branch.squeeze(at, [1])], axis=axis)
+        if axis == 1:
+            rows = branch.op("Transpose", [rows], perm=[1, 0])
+        return branch.op("Mul", [rows, value])
+
+    return emit.if_else(one_hot, gather, dense, ctx.view.elem_type(ctx.output(0)), hint="seed_product")
 
 
 @register("Gemm")
@@ -18,8 +54,11 @@ def gemm(ctx: Context, gy):
     g = gy[0]
     out: list = [None] * len(ctx.node.input)
     if ctx.needs[0]:
-        out[0] = (ctx.op("Gemm", [g, b], alpha=alpha, transB=1 - tb) if not ta
-                  else ctx.op("Gemm", [b, g], alpha=alpha, transA=tb, transB=1))
+        if ta:
+            out[0] = ctx.op("Gemm", [b, g], alpha=alpha, transA=tb, transB=1)
+        else:  # op(B)'s columns are B's rows when transB
+            out[0] = one_hot_product(ctx, g, b, 0 if tb else 1, alpha,
+                                     lambda e: e.op("Gemm", [g, b], alpha=alpha, transB=1 - tb))
     if ctx.needs[1]:
         out[1] = (ctx.op("Gemm", [a, g], alpha=alpha, transA=1 - ta) if not tb
                   else ctx.op("Gemm", [g, a], alpha=alpha, transA=1, transB=ta))
@@ -105,7 +144,9 @@ def matmul(ctx: Context, gy):
         b_e = b
         b_t = ctx.op("Transpose", [b], perm=list(range(rb - 2)) + [rb - 1, rb - 2]) if ctx.needs[0] else None
     if ctx.needs[0]:
-        out[0] = _matmul_operand_grad(ctx, ctx.op("MatMul", [g, b_t]), a, a_e, sa, sb)
+        product = ctx.op("MatMul", [g, b_t]) if ra != 2 or rb != 2 or a_e != a or b_e != b else one_hot_product(
+            ctx, g, b, 1, 1.0, lambda e: e.op("MatMul", [g, b_t]))
+        out[0] = _matmul_operand_grad(ctx, product, a, a_e, sa, sb)
     if ctx.needs[1]:
         out[1] = _matmul_operand_grad(ctx, ctx.op("MatMul", [a_t, g]), b, b_e, sb, sa)
     return out

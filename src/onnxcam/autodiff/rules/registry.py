@@ -61,6 +61,9 @@ class Context:
     needs: Sequence[bool]
     # Guided Backprop / deconvnet change the ReLU-family rules only; everything else ignores it.
     relu_mode: str = "grad"
+    # gy[0] is the seed itself, which for a class target holds one nonzero per row: a product with a large
+    # matrix may then read just the rows it selects (linalg's one_hot_product) instead of the whole matrix.
+    seed_rows: bool = False
 
     # --- facts about the forward graph -------------------------------------------------------
     def input(self, i: int) -> str:
