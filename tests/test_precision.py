@@ -426,6 +426,27 @@ def test_score_from_trunk_leaves_out_the_classifier_and_keeps_the_gradient():
 
 
 @needs_openvino_bf16
+def test_split_keeps_the_score_in_the_head_where_openvino_cannot_run_the_whole_forward(fp32, monkeypatch):
+    real = precisions._openvino
+
+    def refuse_the_forward(model, choice, options, what):
+        if what == "the forward":
+            raise OnnxcamError("OpenVINO cannot compile the explain graph: an op after the layer")
+        return real(model, choice, options, what)
+
+    monkeypatch.setattr(precisions, "_openvino", refuse_the_forward)
+    _, x, ref = fp32
+    e = Explainer(str(MODEL), precision="bf16")
+    assert e.precision.engine == "openvino+onnxruntime" and e.session.score is None
+    assert "scores from OpenVINO" not in e.precision.reason
+    assert len(e.session.trunk.get_outputs()) == 2  # the layer and the flatten shape: not the score
+    got = e.explain(x)
+    np.testing.assert_array_equal(got.targets, ref.targets)
+    d = _compare(ref, got)
+    assert d["logits"] < 0.1 and d["map"] < 0.05 and d["heat"] < 0.06, d
+
+
+@needs_openvino_bf16
 def test_split_results_survive_the_next_run(fp32, bf16):
     # The head reads the trunk's outputs in OpenVINO's own buffers (no copy), which the next run overwrites:
     # nothing handed to the caller may still point into them.

@@ -302,8 +302,8 @@ def main(argv=None) -> int:
                 xai.send_input(f"{name}-{n}", xb)
                 top1 = [int(t) for t in np.concatenate([r0.targets] * (n // len(x) + 1))[:n]]
                 for m in ("reciprocam", "reciprocam call", "activationmap"):
-                    methods[f"openvino-xai {m}"] = (lambda m=m, n=n: xai.ask(op="run", key=name, method=m, targets=top1,
-                                                                             input=f"{name}-{n}")["ms"] / 1e3)
+                    methods[f"openvino-xai {m}"] = (lambda m=m, n=n, top1=top1: xai.ask(
+                        op="run", key=name, method=m, targets=top1, input=f"{name}-{n}")["ms"] / 1e3)
             times = {k: [] for k in methods}
             order = list(methods.items())
             for r in range(args.warmup + args.repeats):
@@ -319,9 +319,10 @@ def main(argv=None) -> int:
                 return statistics.median(u / v for u, v in zip(times[a], times[b])) if b in times else None
 
             for label in methods:
-                time_rows.append((name, n, label, statistics.median(times[label]), paired(label, "ort fp32 forward"),
-                                  paired(label, "openvino-xai reciprocam"), paired(label, "openvino-xai reciprocam call"),
-                                  paired(label, "openvino-xai activationmap")))
+                against = ("ort fp32 forward", "openvino-xai reciprocam", "openvino-xai reciprocam call",
+                           "openvino-xai activationmap")
+                time_rows.append((name, n, label, statistics.median(times[label]),
+                                  *(paired(label, b) for b in against)))
     if xai is not None:
         xai.close()
 

@@ -611,11 +611,16 @@ def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelPr
     else:
         fed = score_from_trunk(head, cut.head, spec.score)
         if fed is not None:
-            cut = cut_at_layers(source, spec.layers, spec.score, spec.image, with_score=True)
-            head, trunk_model = fed, cut.trunk
+            whole = cut_at_layers(source, spec.layers, spec.score, spec.image, with_score=True)
+            try:
+                trunk = _openvino(whole.trunk, choice, options, "the forward")
+            except OnnxcamError:  # an op after the layer OpenVINO cannot compile: the head keeps the score
+                pass
+            else:
+                return SplitSession(trunk, make_session(fed, None, _head_options(options)), whole.tensors,
+                                    spec.score), None
     trunk = _openvino(trunk_model, choice, options, "the trunk before the layer")
-    return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors,
-                        spec.score if spec.score in cut.tensors else None), None
+    return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors), None
 
 
 def time_sessions(sessions, feeds: dict, runs: int = 5) -> list[float]:

@@ -14,10 +14,11 @@ ONE_HOT_MIN_ELEMENTS = 1 << 16
 
 def one_hot_product(ctx: Context, g: str, matrix: str, axis: int, alpha: float, dense) -> str:
     """alpha * g @ R, R the rows of `matrix` along `axis` (0: R = matrix, 1: R = matrix^T), for the seed `g`
-    (N, K), the cotangent of the node's 2-D output. Where every row of g holds at most one nonzero (a class target) that is those rows of R times it:
-    a Gather of N rows instead of a pass over the whole matrix (a classifier's last layer: 5 MB for
-    1000 x 1280, read twice per explanation otherwise). Checked at run time (an If); any other seed takes
-    `dense(emitter)`, the plain product. Exact either way: the dense sum adds only zeros to that product."""
+    (N, K), the cotangent of the node's 2-D output. Where every row of g holds at most one nonzero (a class
+    target) that is those rows of R times it: a Gather of N rows instead of a pass over the whole matrix (a
+    classifier's last layer: 5 MB for 1000 x 1280, read whole per explanation otherwise). Checked at run time
+    (an If); any other seed takes `dense(emitter)`, the plain product. Exact either way: the dense sum adds
+    only zeros to that product."""
     emit = ctx.emit
     shape = ctx.shape(matrix)
     if (not ctx.seed_rows or emit.opset < 11 or shape is None or len(shape) != 2
