@@ -143,6 +143,28 @@ def test_unsupported_op_names_op_and_node():
     assert "Mystery" not in supported_ops() and "Conv" in supported_ops()
 
 
+def test_global_pool_gradient_is_read_unspread_and_unread_nodes_are_dropped():
+    """Behind a global average pool dy/dA is constant over the positions, so Grad-CAM's weights (its spatial
+    mean) are the pooled gradient itself: the graph neither spreads it to h x w nor averages it back; nodes no
+    output reads (the softmax after the score) are dropped. The maps are numpy's fc[c] / (h w) weighting."""
+    import onnxruntime as ort
+
+    model = _tiny_model(softmax=True)
+    ex = Explainer(model)
+    ops = [n.op_type for n in ex.model.graph.node]
+    assert "Expand" not in ops and "Softmax" not in ops and "ReduceMean" not in ops
+    assert "Expand" in [n.op_type for n in Explainer(model, method="gradcam++").model.graph.node]  # reads all of G
+    x = np.random.default_rng(5).standard_normal((3, 3, 6, 6)).astype(np.float32)
+    e = ex.explain(x, [0, 2, 4])
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 6, 6]))
+    acts = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["r"], {"x": x})[0]
+    fc = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "fc")).astype(np.float64)
+    want = np.maximum(np.einsum("nc,nchw->nhw", fc[[0, 2, 4]] / 36.0, acts.astype(np.float64)), 0)
+    np.testing.assert_allclose(e.maps, want, rtol=1e-5, atol=1e-6)
+
+
 def test_score_is_taken_before_softmax_and_matches_finite_differences():
     """alpha_k is d y_c / d(add t to all of channel k): central differences on the head give it exactly."""
     model = _tiny_model(softmax=True)

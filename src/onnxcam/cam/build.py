@@ -232,8 +232,9 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
             if grads:
                 # max |dy/dA| per sample: exactly 0 when the score does not depend on the layer at all, which
                 # the Explainer reports instead of handing back a blank map as if it were an answer.
-                peak = emit.reduce("ReduceMax", emit.op("Reshape", [emit.op("Abs", [g]), emit.ints([0, -1])]),
-                                   [1], keepdims=0)
+                spread = emit.broadcast_of(g)  # a tensor repeated along some axes has its source's peak
+                peak = emit.reduce("ReduceMax", emit.op("Reshape", [emit.op("Abs", [spread[0] if spread else g]),
+                                                                    emit.ints([0, -1])]), [1], keepdims=0)
                 output(peak, grad_peak_name(i), f32, ["N"])
             if method.second_order:  # H A comes from the head run on these activations
                 output(acts, activations_name(i), f32, layer_dims[i])
@@ -272,6 +273,12 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
     if not keep_outputs:
         del graph.output[:]
     graph.output.extend(outputs)
+    # onnxruntime runs a node whose output nothing reads: drop those (a gradient a shortcut made unused, the
+    # model's other outputs), keeping every input and initializer the caller may feed or read.
+    needed = ancestors(ModelView(model), [o.name for o in graph.output])
+    live = [n for n in graph.node if any(o in needed for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(live)
     return model
 
 

@@ -67,6 +67,9 @@ def _spatial(rank: int) -> list[int]:
 
 def gradcam(emit: Emitter, a: str, g: str, rank: int) -> str:
     """alpha_k = mean_ij G (Selvaraju et al.)."""
+    spread = emit.broadcast_of(g)
+    if spread is not None and list(spread[1]) == _spatial(rank):  # G is constant over ij (a global pool's)
+        return emit.op("Mul", [spread[0], a])
     return emit.op("Mul", [emit.reduce("ReduceMean", g, _spatial(rank), keepdims=1), a])
 
 

@@ -376,6 +376,9 @@ class Emitter:
     prefix: str = "onnxcam"
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
+    # tensor -> (source, axes): the tensor is `source` repeated along `axes`, where source has size 1
+    # (a global pool's gradient); a reduction over those axes can read the source instead (broadcast_of).
+    broadcasts: dict = field(default_factory=dict)
     _counter: int = 0
 
     @classmethod
@@ -448,6 +451,14 @@ class Emitter:
 
     def scalar(self, value: float, dtype: np.dtype, hint: str = "scalar") -> str:
         return self.const(np.asarray(value, dtype=dtype), hint=hint)
+
+    def mark_broadcast(self, t: str, source: str, axes: Iterable[int]) -> None:
+        """Records that `t` (emitted here) is `source` expanded along `axes`, where source has size 1."""
+        self.broadcasts[t] = (source, tuple(sorted(axes)))
+
+    def broadcast_of(self, t: str) -> tuple[str, tuple[int, ...]] | None:
+        """(source, axes) as mark_broadcast recorded for `t`, else None."""
+        return self.broadcasts.get(t)
 
     def if_else(self, cond: str, then_fn, else_fn, elem_type: int, hint: str = "branch") -> str:
         """An If node: `then_fn(emitter)` / `else_fn(emitter)` emit each branch's nodes and return its result

@@ -413,7 +413,11 @@ def global_average_pool(ctx: Context, gy):
     """gx = gy / (number of spatial positions), broadcast over the spatial axes."""
     x = ctx.input(0)
     g = ctx.op("Div", [gy[0], spatial_count(ctx, x)])
-    return [ctx.op("Expand", [g, ctx.emit.shape_of(x)])]
+    gx = ctx.op("Expand", [g, ctx.emit.shape_of(x)])
+    rank = ctx.view.rank(x)
+    if rank is not None:  # Grad-CAM's spatial mean of it is g itself
+        ctx.emit.mark_broadcast(gx, g, range(2, rank))
+    return [gx]
 
 
 @register("GlobalMaxPool")
