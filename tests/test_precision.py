@@ -405,11 +405,12 @@ def test_score_from_trunk_leaves_out_the_classifier_and_keeps_the_gradient():
     fed = precisions.score_from_trunk(head, cut.head, spec.score)
     assert fed is not None and "logits" in {i.name for i in fed.graph.input}
     assert not [n for n in fed.graph.node if n.op_type == "Gemm" and n.input[0] == "flat"]  # no forward product
-    with_score = precisions.cut_at_layers(model, spec.layers, spec.score, spec.image, with_score=True)
-    assert with_score.tensors == ("layer", "logits")
+    tensors = (*cut.tensors, spec.score)
+    assert tensors == ("layer", "logits")
 
     x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
-    layer, logits = ort.InferenceSession(with_score.trunk.SerializeToString()).run(None, {"image": x})
+    trunk = precisions.trunk_of(model, tensors)
+    layer, logits = ort.InferenceSession(trunk.SerializeToString()).run(None, {"image": x})
     feeds = precisions._probe_feeds(head, "image", x[:1])
     feeds = {**{k: np.repeat(v, 3, 0) if k == build.TARGET else v for k, v in feeds.items()}, "layer": layer}
     whole = ort.InferenceSession(head.SerializeToString())

@@ -315,12 +315,13 @@ def main(argv=None) -> int:
                     if r >= args.warmup:
                         times[label].append(dt * 1e3)
 
+            against = ("ort fp32 forward", "openvino-xai reciprocam", "openvino-xai reciprocam call",
+                       "openvino-xai activationmap")
+
             def paired(a, b):
                 return statistics.median(u / v for u, v in zip(times[a], times[b])) if b in times else None
 
             for label in methods:
-                against = ("ort fp32 forward", "openvino-xai reciprocam", "openvino-xai reciprocam call",
-                           "openvino-xai activationmap")
                 time_rows.append((name, n, label, statistics.median(times[label]),
                                   *(paired(label, b) for b in against)))
     if xai is not None:

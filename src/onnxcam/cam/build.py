@@ -30,7 +30,7 @@ from .targets import ARGMAX
 from ..autodiff import active_tensors, gradient
 from ..errors import OnnxcamError
 from ..model.graph import (Emitter, ModelView, ancestors, ensure_opset, head_nodes, infer_shapes, opset_version,
-                           subgraph_reads)
+                           prune, subgraph_reads)
 from ..model.layouts import LayerLayout, effective_rank, to_channels_first
 
 TARGET = "onnxcam_target"  # int64 (N,): flat element whose one-hot is W (ARGMAX: the largest; NO_INDEX: none)
@@ -274,11 +274,8 @@ def build_explain_graph(model: onnx.ModelProto, spec: Spec, *, sign_input: bool 
         del graph.output[:]
     graph.output.extend(outputs)
     # onnxruntime runs a node whose output nothing reads: drop those (a gradient a shortcut made unused, the
-    # model's other outputs), keeping every input and initializer the caller may feed or read.
-    needed = ancestors(ModelView(model), [o.name for o in graph.output])
-    live = [n for n in graph.node if any(o in needed for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(live)
+    # model's other outputs); the inputs stay, the caller feeds them by name.
+    prune(model, [o.name for o in graph.output], nodes_only=True)
     return model
 
 

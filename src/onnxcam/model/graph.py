@@ -563,12 +563,15 @@ def head_nodes(view: ModelView, layers: Sequence[str], score: str) -> list[onnx.
     return head
 
 
-def prune(model: onnx.ModelProto, outputs: Sequence[str]) -> None:
-    """Drops nodes, initializers and inputs that do not feed `outputs`."""
+def prune(model: onnx.ModelProto, outputs: Sequence[str], nodes_only: bool = False) -> None:
+    """Drops nodes, initializers and inputs that do not feed `outputs` (`nodes_only`: nodes, keeping every
+    input and initializer a caller may feed or read by name)."""
     needed = ancestors(ModelView(model), outputs)
     nodes = [n for n in model.graph.node if any(o in needed for o in n.output)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    if nodes_only:
+        return
     inits = [t for t in model.graph.initializer if t.name in needed]
     del model.graph.initializer[:]
     model.graph.initializer.extend(inits)

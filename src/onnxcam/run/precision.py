@@ -29,7 +29,7 @@ from ..cam import build, methods
 from ..errors import OnnxcamError, first_line
 from ..images import preprocess
 from ..model import safeio
-from ..model.graph import ModelView, ancestors, head_nodes, prune, subgraph_reads, value_info
+from ..model.graph import Emitter, ModelView, ancestors, head_nodes, prune, subgraph_reads, value_info
 from .runtime import make_session
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
@@ -400,8 +400,8 @@ _MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 @dataclass(frozen=True)
 class Cut:
     trunk: onnx.ModelProto  # the model's inputs -> `onnxcam_cut_j` = tensors[j]
-    head: onnx.ModelProto  # the head alone: the layers and extra tensors (and the model's inputs) -> the score
-    tensors: tuple  # what the trunk hands the head: the layers, any other tensor it needs, [the score]
+    head: onnx.ModelProto  # the head alone: tensors (and the model's inputs it reads) -> the score
+    tensors: tuple  # what the head reads from the trunk: the layers, then any other tensor it needs
     head_share: float  # of the forward's multiply-adds (those whose shapes are known)
 
 
@@ -423,13 +423,12 @@ def _macs(view: ModelView, node: onnx.NodeProto) -> int:
     return int(np.prod(out[1:])) * k
 
 
-def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str, with_score: bool = False) -> Cut:
+def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str) -> Cut:
     """The (shape-inferred) model cut at the layers into the trunk before them and the head after them, as
     onnxcam.cam.build.repeat_layers finds the head: the nodes downstream of the layers that the score needs.
     Whatever else the head reads and is computed from the inputs (a skip connection, a shape read from the
-    image) the trunk hands out too; what is computed from constants alone goes with the head. `with_score`:
-    the trunk runs the whole forward and hands out the score last (score_from_trunk). OnnxcamError (the
-    reason) where the model cannot be cut there."""
+    image) the trunk hands out too; what is computed from constants alone goes with the head. OnnxcamError
+    (the reason) where the model cannot be cut there."""
     view = ModelView(model)
     inputs = set(view.graph_inputs)
     if any(layer in inputs for layer in layers):
@@ -448,8 +447,8 @@ def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str, with_s
         if view.shape(t) is None and t in layers:
             raise OnnxcamError(f"the shape of layer '{t}' is unknown")
 
-    def typed(name, as_name=None):
-        return value_info(as_name or name, view.elem_type(name), view.shape(name))
+    def typed(name):
+        return value_info(name, view.elem_type(name), view.shape(name))
 
     head_model = onnx.ModelProto()
     head_model.CopyFrom(model)
@@ -474,24 +473,27 @@ def cut_at_layers(model: onnx.ModelProto, layers, score: str, image: str, with_s
     del g.value_info[:]
     g.value_info.extend(infos)
 
-    if with_score:
-        tensors = (*tensors, score)
+    total = sum(_macs(view, n) for n in view.graph.node)
+    share = sum(_macs(view, n) for n in head) / total if total else 0.0
+    return Cut(trunk_of(model, tensors), head_model, tensors, share)
+
+
+def trunk_of(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """The part of the (shape-inferred) model that computes `tensors`, handing them out as `onnxcam_cut_j`:
+    cut_at_layers' trunk, and with the score among them the whole forward (score_from_trunk)."""
+    view = ModelView(model)
     trunk = onnx.ModelProto()
     trunk.CopyFrom(model)
     outs = [f"{CUT}{j}" for j in range(len(tensors))]
     trunk.graph.node.extend(onnx.helper.make_node("Identity", [t], [o]) for t, o in zip(tensors, outs))
     del trunk.graph.output[:]
-    trunk.graph.output.extend(typed(t, o) for t, o in zip(tensors, outs))
+    trunk.graph.output.extend(value_info(o, view.elem_type(t), view.shape(t)) for t, o in zip(tensors, outs))
     prune(trunk, outs)
-
-    total = sum(_macs(view, n) for n in view.graph.node)
-    share = sum(_macs(view, n) for n in head) / total if total else 0.0
-    return Cut(trunk, head_model, tensors, share)
+    return trunk
 
 
 def score_from_trunk(explain: onnx.ModelProto, head: onnx.ModelProto, score: str) -> onnx.ModelProto | None:
-    """The head's explain graph `explain` reading the score as an input (the trunk's, cut_at_layers with_score)
-    instead of computing it, where that leaves out at least half of the head's multiply-adds: a classifier's
+    """The head's explain graph `explain` reading the score as an input (handed out by trunk_of) instead of computing it, where that leaves out at least half of the head's multiply-adds: a classifier's
     last matrix, which fp32 here reads whole from memory per run (5 MB for EfficientNet-Lite0's 1000 x 1280,
     a third of the head's time) and the trunk's engine reads in bf16 with its other weights. The backward
     does not need that product (a matrix product's input gradient reads the seed and the weight), so the
@@ -505,9 +507,7 @@ def score_from_trunk(explain: onnx.ModelProto, head: onnx.ModelProto, score: str
     producer = next((n for n in g.node if score in n.output), None)
     if not total or producer is None:
         return None
-    taken = {o for n in g.node for o in n.output}
-    unused = next(f"{score}_recomputed{i}" for i in range(len(taken) + 1) if f"{score}_recomputed{i}" not in taken)
-    producer.output[list(producer.output).index(score)] = unused
+    producer.output[list(producer.output).index(score)] = Emitter.for_model(rewired).fresh("recomputed_score")
     g.input.append(value_info(score, view.elem_type(score), view.shape(score)))
     prune(rewired, [o.name for o in g.output])
     left = {o for n in g.node for o in n.output}
@@ -528,15 +528,14 @@ class SplitSession:
         self.precision = trunk.precision
         self.heavy_layers = trunk.heavy_layers  # of the trunk: the head is fp32 by design
         names = {p.name for p in trunk.get_outputs()}
-        cut = [(f"{CUT}{j}", t) for j, t in enumerate(tensors)]
-        missing = [c for c, _ in cut if c not in names]
+        ports = [(f"{CUT}{j}", t) for j, t in enumerate(tensors)]
+        missing = [c for c, _ in ports if c not in names]
         if missing:
             raise OnnxcamError(f"OpenVINO's trunk does not hand out '{missing[0]}'")
         # Only what the head reads: one fed the score no longer needs what the score was computed from.
         reads = {i.name for i in head.get_inputs()}
-        self._cut = [(c, t) for c, t in cut if t in reads]
-        cut = set(tensors)
-        head_inputs = [i for i in head.get_inputs() if i.name not in cut]
+        self._cut = [(c, t) for c, t in ports if t in reads]
+        head_inputs = [i for i in head.get_inputs() if i.name not in tensors]
         self._head_inputs = {i.name for i in head_inputs}
         trunk_inputs = trunk.get_inputs()
         seen = {p.name for p in trunk_inputs}
@@ -611,13 +610,13 @@ def _split(model: onnx.ModelProto, choice: Choice, options, source: onnx.ModelPr
     else:
         fed = score_from_trunk(head, cut.head, spec.score)
         if fed is not None:
-            whole = cut_at_layers(source, spec.layers, spec.score, spec.image, with_score=True)
+            tensors = (*cut.tensors, spec.score)
             try:
-                trunk = _openvino(whole.trunk, choice, options, "the forward")
+                trunk = _openvino(trunk_of(source, tensors), choice, options, "the forward")
             except OnnxcamError:  # an op after the layer OpenVINO cannot compile: the head keeps the score
                 pass
             else:
-                return SplitSession(trunk, make_session(fed, None, _head_options(options)), whole.tensors,
+                return SplitSession(trunk, make_session(fed, None, _head_options(options)), tensors,
                                     spec.score), None
     trunk = _openvino(trunk_model, choice, options, "the trunk before the layer")
     return SplitSession(trunk, make_session(head, None, _head_options(options)), cut.tensors), None

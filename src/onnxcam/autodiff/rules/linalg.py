@@ -145,8 +145,12 @@ def matmul(ctx: Context, gy):
         b_e = b
         b_t = ctx.op("Transpose", [b], perm=list(range(rb - 2)) + [rb - 1, rb - 2]) if ctx.needs[0] else None
     if ctx.needs[0]:
-        product = ctx.op("MatMul", [g, b_t]) if ra != 2 or rb != 2 or a_e != a or b_e != b else one_hot_product(
-            ctx, g, b, 1, 1.0, lambda e: e.op("MatMul", [g, b_t]))
+        def dense(e):
+            return e.op("MatMul", [g, b_t])
+
+        # two matrices as given (none promoted from 1-D): the seed's rows may be gathered from b
+        plain = (a_e, b_e, ra, rb) == (a, b, 2, 2)
+        product = one_hot_product(ctx, g, b, 1, 1.0, dense) if plain else dense(emit)
         out[0] = _matmul_operand_grad(ctx, product, a, a_e, sa, sb)
     if ctx.needs[1]:
         out[1] = _matmul_operand_grad(ctx, ctx.op("MatMul", [a_t, g]), b, b_e, sb, sa)
